@@ -11,7 +11,7 @@ setup(
     description="Online open-vocabulary 3D semantic mapping with GeoPurify for ROS 2",
     license="Apache-2.0",
     packages=find_packages(include=["geopurify_ros", "geopurify_ros.*"]),
-    package_data={"geopurify_ros": ["data/*.txt", "data/*.yaml", "data/*.json", "models/*.pt", "models/*.json"]},
+    package_data={"geopurify_ros": ["data/*.txt", "data/*.yaml", "data/*.json", "data/*.tsv", "features/*.txt", "models/*.pt", "models/*.json"]},
     include_package_data=True,
     python_requires=">=3.10",
     entry_points={
