@@ -1,0 +1,31 @@
+"""Dense vision-language feature backends.
+
+`make_backend("conse")` (default) works fully offline on CPU; `make_backend("open_clip", model=...,
+pretrained=...)` needs the optional `open_clip_torch` package and is imported only when asked for.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..device import resolve_device
+from .base import FeatureBackend, check_image
+
+BACKENDS = ("conse", "open_clip")
+
+__all__ = ["BACKENDS", "FeatureBackend", "check_image", "make_backend"]
+
+
+def make_backend(name: str = "conse", device: str | torch.device = "auto", **options) -> FeatureBackend:
+    """Construct a feature backend by name; `options` go to its constructor (see the backend docstring).
+
+    Unknown names → ValueError; a backend whose optional dependency is missing → ImportError naming it.
+    """
+    key = (name or "conse").strip().lower().replace("-", "_")
+    dev = device if isinstance(device, torch.device) else resolve_device(str(device))
+    if key == "conse":
+        from .conse import ConSEBackend
+        return ConSEBackend(device=dev, **options)
+    if key in ("open_clip", "openclip", "clip"):
+        from .open_clip_backend import OpenCLIPBackend
+        return OpenCLIPBackend(device=dev, **options)
+    raise ValueError(f"feature_backend: unknown backend '{name}' (expected one of {', '.join(BACKENDS)})")

@@ -1,0 +1,153 @@
+"""Text scoring of per-voxel (or per-pixel) features: closed-set labels and calibrated free-text queries.
+
+Closed set: cosine similarity to prompt-ensembled class embeddings, softmax over classes.
+Free text (LERF-style relevancy): for each canonical/user negative n, the pairwise softmax
+exp(s_q/T) / (exp(s_q/T) + exp(s_n/T)) = sigmoid((s_q - s_n)/T); the score is the minimum over negatives,
+so 0.5 means "as similar to the query as to the closest generic phrase" — a backend-independent threshold.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+# Prompt templates for class names and queries. Mirrored by `prompt_templates` in config/mapping.yaml
+# (empty there = these). Chosen on real photos, see docs/FEATURES.md.
+DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
+CANONICAL_NEGATIVES: tuple[str, ...] = ("object", "things", "stuff", "texture")
+# Label-table names that are not words: the text actually embedded for them.
+CLASS_ALIASES = {"otherfurniture": "furniture", "otherprop": "object", "otherstructure": "structure"}
+# Per-backend defaults: MiniLM/ConSE cosine gaps are small (~0.05-0.3), CLIP ones similar after L2-norm.
+DEFAULT_QUERY_TEMPERATURE = {"conse": 0.05, "open_clip": 0.05}
+DEFAULT_LABEL_TEMPERATURE = {"conse": 0.05, "open_clip": 0.01}
+
+
+class TextScorer:
+    """Score features (N, D) against class names and free-text queries embedded by `backend.encode_text`.
+
+    Args:
+        backend: a FeatureBackend (uses `encode_text`, `device`, `name`).
+        class_names: closed-set classes (index = label id).
+        templates: prompt templates with one "{}"; None → DEFAULT_TEMPLATES. Each text is embedded as the
+            normalised mean over templates.
+        negatives: extra canonical negatives for `query` (the four CANONICAL_NEGATIVES are always used).
+        temperature: query softmax temperature (None → per-backend default).
+        label_temperature: temperature of the class softmax whose max is the `label` score.
+        debias: subtract from each class similarity its mean similarity over the backend's feature support
+            (`backend.support_embeddings`, e.g. ConSE's 1000 ImageNet class embeddings): generic names such as
+            "picture" are close to every feature and would otherwise win everywhere (hubness). No-op for
+            backends without a support set.
+        chunk_size: rows processed at once, bounds temporary memory to ~chunk_size × (D + C) floats.
+    """
+
+    def __init__(self, backend, class_names: Sequence[str], templates: Sequence[str] | None = None,
+                 negatives: Sequence[str] | None = None, temperature: float | None = None,
+                 label_temperature: float | None = None, chunk_size: int = 65536, debias: bool = True):
+        names = [c for c in (class_names or [])]
+        if len(names) < 1 or not all(isinstance(c, str) and c.strip() for c in names):
+            raise ValueError("class_names: need a non-empty list of non-empty strings")
+        templates = tuple(templates) if templates else DEFAULT_TEMPLATES
+        if not all(isinstance(t, str) and "{}" in t for t in templates):
+            raise ValueError(f"templates: every template needs a '{{}}' placeholder, got {list(templates)}")
+        bname = getattr(backend, "name", "")
+        self.temperature = float(temperature if temperature is not None else DEFAULT_QUERY_TEMPERATURE.get(bname, 0.05))
+        self.label_temperature = float(label_temperature if label_temperature is not None
+                                       else DEFAULT_LABEL_TEMPERATURE.get(bname, 0.05))
+        if self.temperature <= 0 or self.label_temperature <= 0:
+            raise ValueError("temperature: must be > 0")
+        if chunk_size < 1:
+            raise ValueError("chunk_size: must be >= 1")
+        self.backend = backend
+        self.class_names = [c.strip() for c in names]
+        self.templates = templates
+        self.negatives = _dedupe(list(CANONICAL_NEGATIVES) + [n.strip() for n in (negatives or []) if n and n.strip()])
+        self.chunk_size = int(chunk_size)
+        self._cache: dict[str, torch.Tensor] = {}     # text → (D,) embedding on backend.device
+        self._lock = threading.Lock()
+        self.class_embeddings = self.embed([CLASS_ALIASES.get(c.lower(), c) for c in self.class_names])  # (C, D)
+        support = getattr(backend, "support_embeddings", None) if debias else None
+        self.class_bias = (F.normalize(support.float(), dim=-1).to(self.class_embeddings.device)
+                           @ self.class_embeddings.T).mean(0) if support is not None \
+            else torch.zeros(len(self.class_names), device=self.class_embeddings.device)      # (C,)
+
+    # -- text embeddings ---------------------------------------------------------------------------
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """Texts → (N, D) prompt-ensembled, L2-normalised embeddings; each distinct text is encoded once."""
+        texts = list(texts)
+        with self._lock:
+            missing = _dedupe([t for t in texts if t not in self._cache])
+            if missing:
+                prompts = [tpl.format(t) for t in missing for tpl in self.templates]
+                emb = self.backend.encode_text(prompts).float()
+                emb = F.normalize(emb.view(len(missing), len(self.templates), -1).mean(1), dim=-1)
+                for t, e in zip(missing, emb):
+                    self._cache[t] = e
+            return torch.stack([self._cache[t] for t in texts])
+
+    # -- closed set --------------------------------------------------------------------------------
+    def similarities(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, D) → (N, C) cosine similarities to the classes minus `class_bias` (float32, features' device)."""
+        feats = _check_features(features, self.class_embeddings.shape[1])
+        cls, bias = self.class_embeddings.to(feats.device), self.class_bias.to(feats.device)
+        return torch.cat([_normalise(c) @ cls.T - bias for c in feats.split(self.chunk_size)]) if len(feats) else \
+            torch.empty(0, len(self.class_names), device=feats.device)
+
+    def label(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, D) → labels LongTensor (N,), scores FloatTensor (N,) = class-softmax probability of the label."""
+        feats = _check_features(features, self.class_embeddings.shape[1])
+        cls, bias = self.class_embeddings.to(feats.device), self.class_bias.to(feats.device)
+        labels = torch.empty(len(feats), dtype=torch.long, device=feats.device)
+        scores = torch.empty(len(feats), dtype=torch.float32, device=feats.device)
+        with torch.inference_mode():
+            for i in range(0, len(feats), self.chunk_size):
+                sim = _normalise(feats[i:i + self.chunk_size]) @ cls.T - bias
+                p, lab = torch.softmax(sim / self.label_temperature, dim=1).max(dim=1)
+                labels[i:i + len(lab)] = lab
+                scores[i:i + len(lab)] = p
+        return labels, scores
+
+    # -- free text ---------------------------------------------------------------------------------
+    def query(self, features: torch.Tensor, text: str, negatives: Sequence[str] = ()) -> torch.Tensor:
+        """(N, D) → relevancy (N,) float32 in [0, 1]: min over negatives of sigmoid((s_text - s_neg) / T)."""
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("text: empty query")
+        text = text.strip()
+        feats = _check_features(features, self.class_embeddings.shape[1])
+        negs = [n for n in _dedupe(self.negatives + [n.strip() for n in negatives if n and n.strip()])
+                if n.lower() != text.lower()]
+        emb = self.embed([text] + negs).to(feats.device)                     # (1 + M, D)
+        out = torch.empty(len(feats), dtype=torch.float32, device=feats.device)
+        with torch.inference_mode():
+            for i in range(0, len(feats), self.chunk_size):
+                sim = _normalise(feats[i:i + self.chunk_size]) @ emb.T         # (n, 1 + M)
+                if sim.shape[1] == 1:
+                    out[i:i + len(sim)] = (sim[:, 0] + 1) / 2                  # no negatives: rescaled cosine
+                else:
+                    out[i:i + len(sim)] = torch.sigmoid((sim[:, :1] - sim[:, 1:]) / self.temperature).min(1).values
+        return out
+
+
+def _dedupe(items: Sequence[str]) -> list[str]:
+    seen, out = set(), []
+    for x in items:
+        if x.lower() not in seen:
+            seen.add(x.lower())
+            out.append(x)
+    return out
+
+
+def _check_features(features, dim: int) -> torch.Tensor:
+    if not isinstance(features, torch.Tensor):
+        raise ValueError(f"features: expected a torch.Tensor (N, {dim}), got {type(features).__name__}")
+    if features.dim() == 3:                       # (h, w, D) maps are accepted and flattened
+        features = features.reshape(-1, features.shape[-1])
+    if features.dim() != 2 or features.shape[1] != dim:
+        raise ValueError(f"features: expected shape (N, {dim}), got {tuple(features.shape)}")
+    return features
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    """float32 rows of unit length (fused running means are shorter than 1; all-zero rows stay zero)."""
+    return F.normalize(x.float(), dim=-1, eps=1e-6)
