@@ -1,0 +1,169 @@
+"""Student Affinity Network: local geometry (+ colour) -> per-voxel L2-normalised embedding.
+
+Input per voxel (rotation/translation invariant on purpose, so the map frame's up-axis does not matter):
+colour, local colour mean and std, curvature, neighbour occupancy. Edge inputs: |offset|, off-plane
+distance, |n_i . n_j| and colour difference. Two EdgeConv-style max-aggregation rounds over the
+26-voxel hash neighbourhood, so an embedding depends on data within `receptive_hops` = 1 + rounds rings
+(1 ring for normals/colour statistics). Affinity between voxels = cosine of embeddings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .geometry import colors_float, colour_stats, edge_list, normals_curvature
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "student.pt"
+N_POINT_FEATURES = 11
+N_EDGE_FEATURES = 6
+
+
+@dataclass
+class StudentConfig:
+    hidden: int = 32
+    embed_dim: int = 32
+    rounds: int = 2
+    voxel_size: float = 0.05
+
+
+def point_features(xyz: torch.Tensor, colors: torch.Tensor, neighbours: torch.Tensor,
+                   normals: torch.Tensor | None = None, curvature: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-voxel invariant inputs (N, 11) and the normals (N,3) they were computed with."""
+    if normals is None or curvature is None:
+        normals, curvature = normals_curvature(xyz, neighbours)
+    c = colors_float(colors)
+    mean, std = colour_stats(c, neighbours)
+    occ = (neighbours >= 0).float().sum(1, keepdim=True) / 26.0   # constant: tables may be compacted
+    feats = torch.cat([c - 0.5, mean - 0.5, std * 4.0, curvature[:, None] * 6.0, occ], 1)
+    return feats, normals
+
+
+def geometry_features(source, neighbours: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`point_features` for a VoxelMap-like object (`.xyz`, `.colors`) or an (xyz, colors) tuple."""
+    if isinstance(source, (tuple, list)):
+        xyz, colors = source[0], source[1]
+    else:
+        xyz, colors = source.xyz, source.colors
+    return point_features(xyz.float(), colors, neighbours)
+
+
+def edge_features(xyz: torch.Tensor, normals: torch.Tensor, colors01: torch.Tensor, src: torch.Tensor,
+                  dst: torch.Tensor, voxel_size: float) -> torch.Tensor:
+    """(E,6) invariant descriptors of directed edges src -> dst (dst is a neighbour of src)."""
+    d = (xyz.index_select(0, dst) - xyz.index_select(0, src)) / voxel_size
+    ni, nj = normals.index_select(0, src), normals.index_select(0, dst)
+    dist = d.norm(dim=-1, keepdim=True)
+    off = (d * ni).sum(-1, keepdim=True).abs()
+    ndot = (ni * nj).sum(-1, keepdim=True).abs()
+    dc = (colors01.index_select(0, dst) - colors01.index_select(0, src)).abs() * 3.0
+    return torch.cat([dist - 1.2, off, 1.0 - ndot, dc], -1)
+
+
+class EdgeRound(nn.Module):
+    """h_i <- h_i + MLP([h_i, max_j relu(A h_j + B h_i + G e_ij)]), max over neighbours j ∪ {self}.
+
+    Works on a flat edge list (only existing neighbours), so cost scales with the ~8 real neighbours
+    of a surface voxel rather than the 26 hash slots.
+    """
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.a = nn.Linear(c, c, bias=False)
+        self.b = nn.Linear(c, c)
+        self.g = nn.Linear(N_EDGE_FEATURES, c, bias=False)
+        self.out = nn.Sequential(nn.Linear(2 * c, c), nn.ReLU(), nn.Linear(c, c))
+
+    def forward(self, h: torch.Tensor, edges: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+        ah, bh = self.a(h), self.b(h)          # linearity: A h_j computed once per voxel, then gathered
+        agg = torch.relu(ah + bh)              # self edge (zero edge features); messages are >= 0
+        if src.numel():
+            # index_select + in-place adds: ~2x less memory traffic than fancy indexing on CPU
+            m = ah.index_select(0, dst).add_(bh.index_select(0, src)).add_(self.g(edges)).relu_()
+            agg = agg.scatter_reduce(0, src[:, None].expand(-1, m.shape[1]), m, "amax", include_self=True)
+        return h + self.out(torch.cat([h, agg], 1))
+
+
+class StudentAffinityNet(nn.Module):
+    """Small point network over the voxel graph -> (N, embed_dim) unit embeddings."""
+
+    def __init__(self, config: StudentConfig | None = None):
+        super().__init__()
+        self.config = config or StudentConfig()
+        c = self.config.hidden
+        self.stem = nn.Sequential(nn.Linear(N_POINT_FEATURES, c), nn.ReLU(), nn.Linear(c, c))
+        self.rounds = nn.ModuleList(EdgeRound(c) for _ in range(self.config.rounds))
+        self.head = nn.Sequential(nn.ReLU(), nn.Linear(c, self.config.embed_dim))
+
+    @property
+    def receptive_hops(self) -> int:
+        """Rings of raw map data an embedding depends on (1 for normals/colour stats + 1 per round)."""
+        return 1 + self.config.rounds
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    def forward(self, xyz: torch.Tensor, colors: torch.Tensor, neighbours: torch.Tensor,
+                normals: torch.Tensor | None = None, curvature: torch.Tensor | None = None) -> torch.Tensor:
+        """xyz (N,3) metres, colors (N,3) uint8 or [0,1], neighbours (N,K) long (-1 none) -> (N,E) unit."""
+        xyz = xyz.float()
+        feats, normals = point_features(xyz, colors, neighbours, normals, curvature)
+        src, dst = edge_list(neighbours)
+        edges = edge_features(xyz, normals, colors_float(colors), src, dst, self.config.voxel_size)
+        h = self.stem(feats)
+        for r in self.rounds:
+            h = r(h, edges, src, dst)
+        return nn.functional.normalize(self.head(h), dim=1)
+
+    embed = forward
+
+    def save(self, path: str | Path, meta: dict | None = None) -> None:
+        """Checkpoint = {format, config, state_dict (float32), meta}."""
+        state = {k: v.detach().cpu().float() for k, v in self.state_dict().items()}
+        torch.save({"format": "geopurify-student-v1", "config": dataclasses.asdict(self.config),
+                    "state_dict": state, "meta": meta or {}}, str(path))
+
+
+def affinity(embeddings: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+    """Cosine affinity to each neighbour: (N,E), (N,K) -> (N,K), 0 at -1."""
+    e = nn.functional.normalize(embeddings.float(), dim=1)
+    a = (e[neighbours.clamp(min=0)] * e[:, None, :]).sum(-1)
+    return a * (neighbours >= 0).float()
+
+
+def load_student(path: str | Path | None = None, device: str | torch.device = "cpu") -> StudentAffinityNet:
+    """Load a student checkpoint (None -> the one shipped in geopurify_ros/models/student.pt), in eval mode.
+
+    Raises FileNotFoundError if missing and ValueError if the file is not a valid student checkpoint.
+    """
+    p = Path(path) if path else DEFAULT_CHECKPOINT
+    if not p.is_file():
+        raise FileNotFoundError(f"student_checkpoint: {p} does not exist "
+                                f"(train one with `geopurify-train --out {p.parent}`)")
+    try:
+        ckpt = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise ValueError(f"student_checkpoint: {p} is not a readable torch checkpoint ({exc})") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "geopurify-student-v1":
+        raise ValueError(f"student_checkpoint: {p} is not a geopurify student checkpoint (format tag missing)")
+    try:
+        fields = {f.name for f in dataclasses.fields(StudentConfig)}
+        cfg = StudentConfig(**{k: v for k, v in ckpt["config"].items() if k in fields})
+        net = StudentAffinityNet(cfg)
+        net.load_state_dict(ckpt["state_dict"])
+    except (KeyError, RuntimeError, TypeError) as exc:
+        raise ValueError(f"student_checkpoint: {p} does not match StudentAffinityNet ({exc})") from exc
+    net.meta = ckpt.get("meta", {})
+    return net.to(device).eval()
+
+
+def checkpoint_info(path: str | Path | None = None) -> dict:
+    """The JSON record shipped next to a checkpoint (student.json), or {} if absent."""
+    p = (Path(path) if path else DEFAULT_CHECKPOINT).with_suffix(".json")
+    return json.loads(p.read_text()) if p.is_file() else {}

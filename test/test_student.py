@@ -1,0 +1,136 @@
+"""Student affinity network: shapes, invariances, overfitting, checkpoint loading."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from geopurify_ros.purify.geometry import VoxelGrid, grid_neighbours
+from geopurify_ros.purify.scenes import _Builder
+from geopurify_ros.purify.student import (DEFAULT_CHECKPOINT, StudentAffinityNet, StudentConfig, affinity,
+                                          load_student)
+from geopurify_ros.purify.teacher import SSLTeacher
+from geopurify_ros.purify.train import _candidates, distill_loss
+
+VS = 0.05
+
+
+def tiny_scene(seed=0, size=1.0):
+    b = _Builder(np.random.default_rng(seed), VS / 2.5)
+    b.rect((0, 0, 0), (size, 0, 0), (0, size, 0), (200, 180, 150), 0)
+    b.rect((0, 0, 0), (0, size, 0), (0, 0, size), (90, 110, 160), 1)
+    b.box((0.4 * size, 0.4 * size, 0), (0.7 * size, 0.7 * size, 0.3 * size), (160, 60, 60))
+    return b.build(0.003, VS)
+
+
+def test_embeddings_shape_norm_and_rotation_invariance():
+    torch.manual_seed(0)
+    s = tiny_scene()
+    net = StudentAffinityNet(StudentConfig(embed_dim=16)).eval()
+    with torch.no_grad():
+        e = net(s.xyz, s.colors, grid_neighbours(s.xyz, VS))
+        # 90° about z plus a whole-voxel shift maps the voxel grid onto itself: same graph, same embeddings
+        xyz2 = torch.stack([-s.xyz[:, 1], s.xyz[:, 0], s.xyz[:, 2]], 1) + torch.tensor([3.0, -2.0, 1.0]) * VS
+        e2 = net(xyz2, s.colors, grid_neighbours(xyz2, VS))
+    assert e.shape == (len(s.xyz), 16)
+    assert torch.allclose(e.norm(dim=1), torch.ones(len(e)), atol=1e-5)
+    assert torch.allclose(e, e2, atol=1e-4)
+    assert net.receptive_hops == 3
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread avoids synchronisation overhead on the shared 2-core runners."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_student_overfits_teacher_affinities_on_a_tiny_scene(one_thread):
+    torch.manual_seed(0)
+    s = tiny_scene(size=0.6)                 # ~600 voxels: keeps the test at a few seconds
+    grid = VoxelGrid(s.xyz, VS)
+    nb = grid.neighbours()
+    teacher = SSLTeacher().eval()
+    with torch.no_grad():   # a random teacher still defines a fixed, non-trivial affinity target
+        t_emb = teacher.embed(s.xyz, s.colors)
+    gen = torch.Generator().manual_seed(0)
+    anchors = torch.randperm(len(s.xyz), generator=gen)[:256]
+    cand = _candidates(grid, anchors, len(s.xyz), gen)
+    valid = (cand >= 0) & (cand != anchors[:, None])
+    t = (t_emb[anchors, None] * t_emb[cand.clamp(min=0)]).sum(-1)
+    net = StudentAffinityNet()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        e = net(s.xyz, s.colors, nb)
+        sa = (e[anchors, None] * e[cand.clamp(min=0)]).sum(-1)
+        loss, _ = distill_loss(sa, t, valid, 0.1, 2.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.4 * losses[0], losses[::10]
+
+
+def test_affinity_helper_masks_missing_neighbours():
+    e = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 1.0]]), dim=1)
+    nb = torch.tensor([[1, -1], [0, -1]])
+    a = affinity(e, nb)
+    assert a[0, 1] == 0 and math.isclose(float(a[0, 0]), math.sqrt(0.5), rel_tol=1e-5)
+
+
+def test_shipped_checkpoint_loads_and_embeds():
+    if not DEFAULT_CHECKPOINT.is_file():
+        pytest.skip("no shipped checkpoint yet")
+    net = load_student()
+    assert not net.training
+    s = tiny_scene(1)
+    with torch.no_grad():
+        e = net(s.xyz, s.colors, grid_neighbours(s.xyz, VS))
+    assert e.shape == (len(s.xyz), net.embed_dim) and torch.isfinite(e).all()
+    assert DEFAULT_CHECKPOINT.stat().st_size < 1_000_000
+
+
+def test_load_student_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="student_checkpoint"):
+        load_student(tmp_path / "missing.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="student_checkpoint"):
+        load_student(bad)
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"format": "something-else"}, wrong)
+    with pytest.raises(ValueError, match="format"):
+        load_student(wrong)
+    ok = tmp_path / "ok.pt"
+    StudentAffinityNet(StudentConfig(hidden=8, embed_dim=4)).save(ok, {"note": "x"})
+    net = load_student(ok)
+    assert net.embed_dim == 4 and net.meta == {"note": "x"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_student_runs_on_gpu():
+    s = tiny_scene()
+    net = StudentAffinityNet().cuda().eval()
+    with torch.no_grad():
+        e = net(s.xyz.cuda(), s.colors.cuda(), grid_neighbours(s.xyz, VS).cuda())
+    assert e.is_cuda and e.shape[0] == len(s.xyz)
+
+
+def test_teacher_interface_and_external_teacher_errors(tmp_path, one_thread):
+    from geopurify_ros.purify.teacher import ExternalTeacher, SSLTeacher, make_teacher
+    s = tiny_scene(size=0.5)
+    t = make_teacher("ssl")
+    z = t.embed(s.xyz, s.colors)
+    assert z.shape == (len(s.xyz), t.embed_dim) and not z.requires_grad
+    t.save(tmp_path / "t.pt")
+    assert torch.allclose(SSLTeacher.load(tmp_path / "t.pt").embed(s.xyz, s.colors), z, atol=1e-6)
+    with pytest.raises(ValueError, match="teacher_checkpoint"):
+        ExternalTeacher("sonata", None)
+    with pytest.raises(FileNotFoundError, match="teacher_checkpoint"):
+        ExternalTeacher("sonata", tmp_path / "nope.pth")
+    (tmp_path / "w.pth").write_bytes(b"x")
+    with pytest.raises((ImportError, ValueError), match="teacher"):
+        ExternalTeacher("sonata", tmp_path / "w.pth")      # package absent here -> clear ImportError
