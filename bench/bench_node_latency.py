@@ -29,8 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def frames_from(data: str | None, n: int):
     """Demo sequence frames when available (DIR or the test cache), else a synthetic textured room corner."""
-    candidates = [data] if data else [os.path.join(os.environ.get("GEOPURIFY_CACHE", ROOT / "build/cache"),
-                                                   "node_test_tiny")]
+    from geopurify_ros.cache import cache_dir
+
+    candidates = [data] if data else [str(cache_dir("demo_tiny_0"))]
     for c in candidates:
         if c and Path(c, "meta.json").is_file():
             from geopurify_ros.data.sequence import load_sequence

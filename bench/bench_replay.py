@@ -33,7 +33,9 @@ def main(argv=None) -> int:
     from geopurify_ros.eval.cli import load_labels
     from geopurify_ros.eval.replay import BagSource, Topics, replay_offline
 
-    demo = Path(os.environ.get("GEOPURIFY_CACHE", ROOT / "build" / "cache")) / f"demo_{args.size}_0"
+    from geopurify_ros.cache import cache_dir
+
+    demo = cache_dir(f"demo_{args.size}_0")
     make_demo.main(["--size", args.size, "--seed", "0", "--out", str(demo)])
     classes, _ = load_labels(str(ROOT / "config" / "labels.yaml"))
     params = load_ros_params(args.params)

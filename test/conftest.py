@@ -5,3 +5,16 @@ import torch
 
 # Two cores on the CI machines: keep torch from oversubscribing them when pytest runs subprocesses.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def tiny_demo_dir():
+    """The tiny demo sequence (seed 0), generated once into the cache and shared by every test module.
+
+    `generate` is a no-op when the directory already holds the same size/seed, and it is lock-protected,
+    so concurrent pytest processes (and the node's subprocesses) see one consistent copy."""
+    from geopurify_ros.cache import cache_dir
+    from geopurify_ros.data.make_demo import generate
+
+    out = cache_dir("demo_tiny_0")
+    generate(out, "tiny", 0, log=lambda *_: None)
+    return out

@@ -9,17 +9,15 @@ pytest.importorskip("rosbags")
 from geopurify_ros.data import bag_io  # noqa: E402
 
 
+from conftest import tiny_demo_dir
+
+
 @pytest.fixture(scope="session")
-def tiny_dataset(tmp_path_factory):
-    """Same on-disk tiny sequence as test_demo_data.py (generate() reuses it when present)."""
-    from pathlib import Path
-
-    if not Path("/usr/share/sweethome3d/furniture").is_dir():
-        pytest.skip("sweethome3d-furniture not installed")
+def tiny_dataset():
+    """Same on-disk tiny sequence as test_demo_data.py (conftest.tiny_demo_dir)."""
     from geopurify_ros.data.make_demo import generate
-    from test_demo_data import tiny_dataset_dir
 
-    out = tiny_dataset_dir(tmp_path_factory)
+    out = tiny_demo_dir()
     return out, generate(out, "tiny", 0, log=lambda *_: None)
 
 EXPECTED = {

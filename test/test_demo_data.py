@@ -1,6 +1,5 @@
 """Demo data generator: determinism, depth ↔ mesh consistency, label images, ground truth, cache, CLI."""
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ if not Path("/usr/share/sweethome3d/furniture").is_dir():
     pytest.skip("sweethome3d-furniture not installed", allow_module_level=True)
 
 from geopurify_ros.data import bag_io  # noqa: E402
+from conftest import tiny_demo_dir  # noqa: E402
 from geopurify_ros.data.classes import IGNORE_LABEL, class_of_item, class_names  # noqa: E402
 from geopurify_ros.data.make_demo import generate, main, render_sequence  # noqa: E402
 from geopurify_ros.data.sequence import load_ground_truth, load_sequence  # noqa: E402
@@ -19,16 +19,10 @@ from geopurify_ros.data.sequence import load_ground_truth, load_sequence  # noqa
 SEED = 0
 
 
-def tiny_dataset_dir(tmp_path_factory) -> Path:
-    """Where the shared tiny sequence lives: $GEOPURIFY_CACHE, else this session's pytest base temp dir."""
-    root = os.environ.get("GEOPURIFY_CACHE")
-    return Path(root) / f"test_tiny_{SEED}" if root else tmp_path_factory.getbasetemp() / f"tiny_{SEED}"
-
-
 @pytest.fixture(scope="session")
-def tiny_dataset(tmp_path_factory):
-    """The tiny sequence, generated once (cached on disk, lock-protected) and shared by the test modules."""
-    out = tiny_dataset_dir(tmp_path_factory)
+def tiny_dataset():
+    """The shared tiny sequence (conftest.tiny_demo_dir) and its meta."""
+    out = tiny_demo_dir()
     return out, generate(out, "tiny", SEED, log=lambda *_: None)
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,18 +11,13 @@ from geopurify_ros.eval import EvalError
 from geopurify_ros.eval.cli import load_gt, main, score_results
 from geopurify_ros.eval.replay import BagSource, ReplayResult
 
+from conftest import tiny_demo_dir
 from test_eval_errors import LABELS, eval_params, synthetic_gt, write_synthetic_bag
 
 CLASSES = ["wall", "floor"]
 
 
-def tiny_demo() -> Path:
-    """The tiny demo (generated once, cached: the generator is a no-op when meta.json matches)."""
-    from geopurify_ros.data import make_demo
-
-    out = Path(os.environ.get("GEOPURIFY_CACHE", "build/cache")) / "demo_tiny_0"
-    make_demo.main(["--size", "tiny", "--seed", "0", "--out", str(out)])
-    return out
+tiny_demo = tiny_demo_dir
 
 
 def _all_messages(bag: Path):

@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +19,8 @@ import numpy as np
 import pytest
 
 os.environ["ROS_DOMAIN_ID"] = str(os.getpid() % 200 + 20)   # before rclpy initialises DDS
+
+from conftest import tiny_demo_dir  # noqa: E402
 
 rclpy = pytest.importorskip("rclpy")
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
@@ -130,9 +131,7 @@ def load_frames(tmp_dir: Path, class_names):
     except ImportError:
         exe = None
     if exe and os.environ.get("GEOPURIFY_TEST_SYNTHETIC") != "1":
-        out = Path(os.environ.get("GEOPURIFY_CACHE", tmp_dir)) / "node_test_tiny"
-        if not (out / "ground_truth.npz").exists():
-            subprocess.run([exe, "--size", "tiny", "--seed", "0", "--out", str(out)], check=True, timeout=600)
+        out = tiny_demo_dir()
         frames = list(load_sequence(out))[:12]
         gt = load_ground_truth(out)
         gt_xyz, gt_lab = np.asarray(gt.xyz), np.asarray(gt.labels)
@@ -375,7 +374,7 @@ def test_labelled_cloud_query_persistence_and_malformed_input(session):
 
     # --- 200 malformed inputs: node alive, map unchanged, drops counted by reason
     before_diag = client.fresh_diag()
-    cam, rgb, depth = frames[0].cam, frames[0].rgb, frames[0].depth
+    rgb, depth = frames[0].rgb, frames[0].depth
     stamp = frames[-1].stamp + 10.0
     sent = {"bad_encoding": 0, "size_mismatch": 0, "invalid_depth": 0, "bad_data": 0, "pose_stale": 0}
     for i in range(40):

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cache import cache_dir
+
 DEFAULT_LIBRARY_DIR = Path("/usr/share/sweethome3d/furniture")
 
 # SH3D model axes (x, y up, z front) → world (x, y back, z up): a proper rotation (det = +1).
@@ -162,7 +164,7 @@ def _material_of(visual) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def _default_cache() -> Path:
-    return Path(os.environ.get("GEOPURIFY_CACHE", Path.home() / ".cache" / "geopurify")) / "sh3f"
+    return cache_dir("sh3f")
 
 
 def load_item_parts(item: CatalogItem, cache_dir: str | os.PathLike | None = None) -> list[MeshPart]:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from . import bag_io
+from ..cache import cache_dir
 from .classes import IGNORE_LABEL
 
 GENERATOR_VERSION = 2
@@ -226,8 +227,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     out = a.out
     if out is None:
-        import os
-        out = Path(os.environ.get("GEOPURIFY_CACHE", "build/cache")) / f"demo_{a.size}_{a.seed}"
+        out = cache_dir(f"demo_{a.size}_{a.seed}")
     try:
         generate(out, a.size, a.seed, force=a.force, noise=not a.no_noise, previews=a.previews)
     except ValueError as exc:

@@ -261,7 +261,6 @@ def replay_ros(source: BagSource, params: dict[str, Any], class_names: list[str]
                     fused_seen = _i(d, "frames_fused")
                     frame_ms.append(float(d.get("worker.frame_ms", "nan")))
             bar.update(1)
-            last_stamp = fr.stamp
             fr = next(frames, None)
         bar.close()
         # Let the node drain, then one purify period so the final purify covers every fused frame.

@@ -12,6 +12,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..cache import cache_dir as shared_cache_dir
+
 
 class FeatureBackend(abc.ABC):
     """Dense vision-language features for one RGB frame, and text embeddings in the same space.
@@ -73,10 +75,7 @@ def check_texts(texts, name: str = "texts") -> list[str]:
 
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
     """Directory of cached embeddings: `override`, else $GEOPURIFY_CACHE/features, else ~/.cache/geopurify/features."""
-    if override:
-        return Path(override)
-    root = os.environ.get("GEOPURIFY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "geopurify")
-    return Path(root) / "features"
+    return Path(override) if override else shared_cache_dir("features")
 
 
 def cache_key(*parts) -> str:
