@@ -143,7 +143,8 @@ class MappingPipeline:
         valid = np.isfinite(depth)
         if not valid.any():
             raise ValueError("depth: no valid pixels")
-        return np.ascontiguousarray(rgb), np.ascontiguousarray(depth), T
+        # Decoded ROS payloads are read-only views of the message buffer; torch needs writable memory.
+        return _writable(rgb), _writable(depth), T
 
     def purify(self, incremental: bool = True) -> dict:
         """Run student purification + geometry-guided pooling where the map changed."""
@@ -263,3 +264,8 @@ class MappingPipeline:
                 "last_fuse_ms": s.last_fuse_ms, "last_purify_ms": s.last_purify_ms,
                 "device": str(self.device), "backend": self.backend.name,
             }
+
+
+def _writable(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    return a if a.flags.writeable else a.copy()
