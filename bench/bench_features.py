@@ -197,10 +197,10 @@ def run_demo(args) -> None:
         lab = yaml.safe_load(fh)
     classes, ignore = lab["classes"], int(lab["ignore_label"])
     opts = {k: v for k, v in (("image_width", args.image_width), ("temperature", args.temperature),
-                              ("topk", args.topk)) if v}
+                              ("topk", args.topk), ("templates", args.templates)) if v}
     b = make_backend("conse", device=args.device, **opts)
-    scorer = TextScorer(b, classes)
-    print(f"conse options {opts or 'defaults'}")
+    scorer = TextScorer(b, classes)          # class text in the backend's template context (text_templates)
+    print(f"conse options {opts or 'defaults'}, class templates {list(scorer.templates)}")
     conf = np.zeros((len(classes), len(classes)), np.int64)
     n = 0
     for frame in load_sequence(args.demo):
@@ -226,7 +226,9 @@ def run_demo(args) -> None:
         if tot[c]:
             print(f"| {name} | {tot[c]} | {conf[c, c] / tot[c]:.3f} | {classes[int(conf[c].argmax())]} |")
     valid = tot > 0
-    print(f"mean class accuracy {np.mean(np.diag(conf)[valid] / tot[valid]):.3f} over {valid.sum()} classes present")
+    iou = np.diag(conf) / np.maximum(1, tot + conf.sum(0) - np.diag(conf))
+    print(f"mean class accuracy {np.mean(np.diag(conf)[valid] / tot[valid]):.3f}, mIoU {iou[valid].mean():.3f} "
+          f"over {valid.sum()} classes present")
 
 
 def main(argv=None) -> None:
@@ -241,6 +243,8 @@ def main(argv=None) -> None:
     ap.add_argument("--image-width", type=int, default=0, help="--demo: ConSE image_width (0 = default)")
     ap.add_argument("--temperature", type=float, default=0.0, help="--demo: ConSE temperature (0 = default)")
     ap.add_argument("--topk", type=int, default=0, help="--demo: ConSE topk (0 = default)")
+    ap.add_argument("--templates", action="append", default=[],
+                    help="--demo: ConSE class-name template (repeatable; also used for the class text)")
     ap.add_argument("--open-clip-pretrained", default="openai")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

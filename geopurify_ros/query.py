@@ -13,8 +13,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-# Prompt templates for class names and queries. Mirrored by `prompt_templates` in config/mapping.yaml
-# (empty there = these). Chosen on real photos, see docs/FEATURES.md.
+# Prompt templates for class names and queries of backends without `text_templates` (ConSE has its own).
+# `prompt_templates` in config/mapping.yaml overrides them (empty there = backend default). docs/FEATURES.md.
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
 CANONICAL_NEGATIVES: tuple[str, ...] = ("object", "things", "stuff", "texture")
 # Label-table names that are not words: the text actually embedded for them.
@@ -30,8 +30,9 @@ class TextScorer:
     Args:
         backend: a FeatureBackend (uses `encode_text`, `device`, `name`).
         class_names: closed-set classes (index = label id).
-        templates: prompt templates with one "{}"; None → DEFAULT_TEMPLATES. Each text is embedded as the
-            normalised mean over templates.
+        templates: prompt templates with one "{}"; None → `backend.text_templates` if the backend has them
+            (ConSE: its class-name templates, so both sides share one context), else DEFAULT_TEMPLATES. Each text
+            is embedded as the normalised mean over templates.
         negatives: extra canonical negatives for `query` (the four CANONICAL_NEGATIVES are always used).
         temperature: query softmax temperature (None → per-backend default).
         label_temperature: temperature of the class softmax whose max is the `label` score.
@@ -48,7 +49,8 @@ class TextScorer:
         names = [c for c in (class_names or [])]
         if len(names) < 1 or not all(isinstance(c, str) and c.strip() for c in names):
             raise ValueError("class_names: need a non-empty list of non-empty strings")
-        templates = tuple(templates) if templates else DEFAULT_TEMPLATES
+        # None → the backend's own `text_templates` (ConSE: those of its ImageNet support), else DEFAULT_TEMPLATES
+        templates = tuple(templates) if templates else tuple(getattr(backend, "text_templates", None) or DEFAULT_TEMPLATES)
         if not all(isinstance(t, str) and "{}" in t for t in templates):
             raise ValueError(f"templates: every template needs a '{{}}' placeholder, got {list(templates)}")
         bname = getattr(backend, "name", "")

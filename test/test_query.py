@@ -48,6 +48,22 @@ def test_label_picks_most_similar_class(toy):
     assert toy.encoded == ["a photo of a chair.", "a photo of a table.", "a photo of a sofa."]
 
 
+
+def test_default_templates_follow_backend_text_templates(toy):
+    # A backend with `text_templates` (ConSE: those of its ImageNet support) sets the class/query context ...
+    toy.text_templates = ("indoors, a {}.",)       # the toy backend reads the last word
+    s = TextScorer(toy, ["chair", "table"])
+    assert s.templates == ("indoors, a {}.",)
+    assert toy.encoded == ["indoors, a chair.", "indoors, a table."]
+    # ... explicit templates (config prompt_templates) still win.
+    assert TextScorer(toy, ["chair"], templates=["a photo of a {}."]).templates == ("a photo of a {}.",)
+
+
+def test_conse_text_templates_match_support():
+    from geopurify_ros.features import make_backend
+    b = make_backend("conse", device="cpu")
+    assert TextScorer(b, ["chair"]).templates == b.text_templates == b.templates
+
 def test_query_calibrated_against_canonical_negatives(toy):
     s = TextScorer(toy, ["chair", "table"])
     feats = torch.stack([vec("lamp"), vec("object"), vec("chair"), torch.zeros(ToyBackend.dim)])

@@ -26,8 +26,11 @@ from ..device import resolve_device
 from .base import FeatureBackend, cache_dir as _cache_dir, cache_key, cached_tensor, check_image, check_texts
 from .imagenet import imagenet_class_names
 
-# Measured on real photos (docs/FEATURES.md): one plain template beat a 5-template ensemble on dense accuracy.
-DEFAULT_CLASS_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
+# Indoor context, used on both the ImageNet names and (via `text_templates`) the class/query side. On the
+# demo renders of seeds 1-2 it raised closed-set pixel mIoU 0.080 -> 0.088 (both seeds up) over
+# "a photo of a {}." (docs/FEATURES.md). Other indoor templates/ensembles scored similarly on the renders but
+# mis-rank the motorcycle photo against raw "a photo of a ..." prompts (test_right_prompt_ranks_first_per_photo).
+DEFAULT_CLASS_TEMPLATES: tuple[str, ...] = ("a {} in an indoor scene.",)
 # EfficientNet-Lite was trained in TF with (x - 127) / 128 on 0..255 RGB (efficientnet_lite_builder MEAN/STD);
 # the PyTorch port keeps those weights, so we feed the same scaling.
 _LITE_MEAN, _LITE_STD = 127.0, 128.0
@@ -148,7 +151,8 @@ class ConSEBackend(FeatureBackend):
       temperature    softmax temperature on the top-k logits (default 2.0: flatter than the classifier, measured)
       scales         extra input scales whose logits are resized to the base grid and averaged (default (1.0,))
       upsample       bilinear upsampling factor of the logit map before the top-k (default 1)
-      templates      prompt templates for the ImageNet class names
+      templates      prompt templates for the ImageNet class names (also exposed as `text_templates`, the
+                     default templates of TextScorer for this backend)
       cache_dir      where class-name embeddings are cached (default $GEOPURIFY_CACHE/features)
     """
 
@@ -178,6 +182,9 @@ class ConSEBackend(FeatureBackend):
             raise ValueError(f"templates: every template needs a '{{}}' placeholder, got {templates}")
         self.image_width, self.topk, self.temperature = int(image_width), int(topk), float(temperature)
         self.scales, self.upsample, self.templates = scales, int(upsample), templates
+        # Default templates for TextScorer: class/query text in the same template context as the support
+        # (a mismatched context cost ~2 points of mIoU on the demo renders, docs/FEATURES.md).
+        self.text_templates = templates
         self.stride = max(1, 32 // self.upsample)
 
         # channels_last: depthwise/pointwise convs run ~20-40% faster on CPU in NHWC (measured, FEATURES.md)
