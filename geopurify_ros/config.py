@@ -50,7 +50,7 @@ class PipelineConfig:
     class_names: list[str] = field(default_factory=lambda: list(SCANNET20))
     prompt_templates: list[str] = field(default_factory=list)   # [] = backend default templates
     query_negatives: list[str] = field(default_factory=lambda: ["object", "things", "stuff", "texture"])
-    query_threshold: float = 0.5
+    query_threshold: float = 0.3
     query_max_points: int = 50_000
     cloud_min_observations: int = 1
 

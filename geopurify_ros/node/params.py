@@ -121,7 +121,7 @@ _PIPELINE_DOC = {
     "color_gate": ("Gate pooling affinities by colour similarity", None),
     "normal_gate": ("Gate pooling affinities by normal similarity", None),
     "class_names": ("Closed-set label table (label id = index)", None),
-    "prompt_templates": ("Text prompt templates, e.g. 'a photo of a {}' ([] = backend default)", None),
+    "prompt_templates": ("Text prompt templates with one {} ([] = the backend's own, which match its image side; recommended)", None),
     "query_negatives": ("Canonical negative prompts used to calibrate query scores", None),
     "query_threshold": ("Default minimum calibrated query score", (0.0, 1.0)),
     "query_max_points": ("Default cap on points returned by ~/query", (1, 100_000_000)),
