@@ -18,11 +18,33 @@ from typing import Callable
 
 import torch
 
-from .geometry import expand_hops, local_table
+from .geometry import edge_list, expand_hops, local_table
 
 GateArg = torch.Tensor | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
 NbArg = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 
+
+
+def edge_affinity_weights(embeddings: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, n: int,
+                          temperature: float = 0.1, affinity_threshold: float = 0.5, self_weight: float = 1.0,
+                          gates: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`affinity_weights` on a flat edge list: (w_self (N,), w (E,)) for the directed edges src -> dst.
+
+    gates: (E,) in [0,1] aligned with the edges, or None. Rows are normalised: w_self + sum over a row's edges == 1.
+    """
+    emb = torch.nn.functional.normalize(embeddings.float(), dim=1)
+    w = torch.empty(src.numel(), dtype=torch.float32, device=emb.device)
+    step = 1 << 16                                  # cache-sized blocks: no (E, dim) temporaries
+    for s in range(0, src.numel(), step):
+        e = min(s + step, src.numel())
+        cos = (emb.index_select(0, src[s:e]) * emb.index_select(0, dst[s:e])).sum(-1)
+        ws = torch.exp((cos - 1.0) / temperature) * (cos >= affinity_threshold).float()
+        if gates is not None:
+            ws = ws * gates[s:e].float()
+        w[s:e] = ws
+    denom = torch.full((n,), float(self_weight), dtype=torch.float32, device=emb.device).index_add_(0, src, w)
+    w = w / denom.index_select(0, src)
+    return self_weight / denom, w
 
 
 def affinity_weights(embeddings: torch.Tensor, neighbours: torch.Tensor, temperature: float = 0.1,
@@ -35,33 +57,85 @@ def affinity_weights(embeddings: torch.Tensor, neighbours: torch.Tensor, tempera
     gates (N,K) in [0,1] or None. Returns (w_self (N,), w (N,K)) with w_self + w.sum(1) == 1, w = 0 at -1.
     """
     n, k = neighbours.shape
-    emb = torch.nn.functional.normalize(embeddings.float(), dim=1)
-    w = torch.zeros(n, k, dtype=torch.float32, device=emb.device)
     valid = neighbours >= 0
-    r, c = valid.nonzero(as_tuple=True)           # existing edges only (~9 of 26 slots on surfaces)
-    for s in range(0, r.numel(), chunk * 8):
-        rr, cc = r[s:s + chunk * 8], c[s:s + chunk * 8]
-        cos = (emb[rr] * emb[neighbours[rr, cc]]).sum(-1)
-        ws = torch.exp((cos - 1.0) / temperature) * (cos >= affinity_threshold).float()
-        if gates is not None:
-            ws = ws * gates[rr, cc].float()
-        w[rr, cc] = ws
-    denom = w.sum(1) + self_weight
-    return self_weight / denom, w / denom[:, None]
+    src, dst = edge_list(neighbours)
+    w_self, we = edge_affinity_weights(embeddings, src, dst, n, temperature, affinity_threshold, self_weight,
+                                       None if gates is None else gates[valid])
+    w = torch.zeros(n, k, dtype=torch.float32, device=we.device)
+    w[valid] = we
+    return w_self, w
+
+
+def _csr_from_edges(w_self: torch.Tensor, w: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, n: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(crow (N+1,), col (nnz,), val (nnz,)) of the operator: per row the self entry, then the edges with w > 0
+    in edge order. `src` must be non-decreasing (row-major edge list)."""
+    keep = w > 0
+    src, dst, w = src[keep], dst[keep], w[keep]
+    dev = w_self.device
+    deg = torch.bincount(src, minlength=n) + 1
+    crow = torch.zeros(n + 1, dtype=torch.long, device=dev)
+    torch.cumsum(deg, 0, out=crow[1:])
+    nnz = int(crow[-1])
+    col = torch.empty(nnz, dtype=torch.long, device=dev)
+    val = torch.empty(nnz, dtype=torch.float32, device=dev)
+    rows = crow[:-1]
+    col[rows] = torch.arange(n, device=dev)
+    val[rows] = w_self.float()
+    # edge e of row r goes to crow[r] + 1 + (e - first edge of r); equivalently e + r + 1 (edges row-major)
+    pos = torch.arange(src.numel(), device=dev) + src + 1
+    col[pos] = dst
+    val[pos] = w
+    return crow, col, val
 
 
 def pooling_operator(w_self: torch.Tensor, w: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
     """Sparse CSR (N,N) matrix with row i = w_self[i] e_i + sum_k w[i,k] e_{nb[i,k]}."""
     n, k = neighbours.shape
-    cols = torch.cat([torch.arange(n, device=neighbours.device)[:, None], neighbours], 1)
-    vals = torch.cat([w_self[:, None], w], 1)
-    keep = (cols >= 0) & (vals > 0)
-    keep[:, 0] = True                                  # self always present (row never empty)
-    crow = torch.zeros(n + 1, dtype=torch.long, device=neighbours.device)
-    crow[1:] = keep.sum(1).cumsum(0)
+    valid = neighbours >= 0
+    src, dst = edge_list(neighbours)
+    crow, col, val = _csr_from_edges(w_self, w[valid], src, dst, n)
     with warnings.catch_warnings():   # "CSR support is beta" / "invariant checks disabled": expected
         warnings.simplefilter("ignore")
-        return torch.sparse_csr_tensor(crow, cols[keep], vals[keep], (n, n))
+        return torch.sparse_csr_tensor(crow, col, val, (n, n))
+
+
+def apply_operator(features: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor,
+                   iterations: int, out_dtype: torch.dtype = torch.float32, block: int = 32) -> torch.Tensor:
+    """y = P^iterations x for the CSR operator (crow, col, val); features (N,D) any float dtype, computed in float32.
+
+    One column block at a time (all iterations per block) so the working set stays cache-sized, and each
+    product is an `embedding_bag` weighted sum (a fused gather-multiply-add kernel, ~2x faster than CSR @ dense
+    on CPU). The result is written straight into an `out_dtype` tensor: no (N,D) float32 copy of the input
+    or output is ever materialised when out_dtype is float16.
+    """
+    n, d = features.shape
+    out = torch.empty(n, d, dtype=out_dtype, device=features.device)
+    if n == 0 or d == 0:
+        return out
+    idx32 = int(col.numel()) < 2 ** 31 and n < 2 ** 31
+    col_ = col.to(torch.int32) if idx32 else col
+    off = crow[:-1].to(torch.int32) if idx32 else crow[:-1]
+    for c in range(0, d, block):
+        x = features[:, c:c + block].float().contiguous()
+        for _ in range(iterations):
+            x = torch.nn.functional.embedding_bag(col_, x, off, mode="sum", per_sample_weights=val)
+        out[:, c:c + block] = x
+    return out
+
+
+def geometry_guided_pooling_edges(features: torch.Tensor, embeddings: torch.Tensor, src: torch.Tensor,
+                                  dst: torch.Tensor, iterations: int = 3, temperature: float = 0.1,
+                                  affinity_threshold: float = 0.5, self_weight: float = 1.0,
+                                  gates: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32
+                                  ) -> torch.Tensor:
+    """`geometry_guided_pooling` on a row-major edge list (src non-decreasing), gates (E,) or None."""
+    n = features.shape[0]
+    if iterations <= 0 or n == 0:
+        return features.to(out_dtype, copy=True)
+    w_self, w = edge_affinity_weights(embeddings, src, dst, n, temperature, affinity_threshold, self_weight, gates)
+    crow, col, val = _csr_from_edges(w_self, w, src, dst, n)
+    return apply_operator(features, crow, col, val, iterations, out_dtype)
 
 
 def geometry_guided_pooling(features: torch.Tensor, embeddings: torch.Tensor, neighbours: torch.Tensor,
@@ -78,14 +152,13 @@ def geometry_guided_pooling(features: torch.Tensor, embeddings: torch.Tensor, ne
                          f"({features.shape[0]}, {embeddings.shape[0]}, {neighbours.shape[0]})")
     if gates is not None and gates.shape != neighbours.shape:
         raise ValueError(f"gates: shape {tuple(gates.shape)} must equal neighbours {tuple(neighbours.shape)}")
-    x = features.float()
-    if iterations <= 0 or x.shape[0] == 0:
-        return x.clone()
-    w_self, w = affinity_weights(embeddings, neighbours, temperature, affinity_threshold, self_weight, gates)
-    P = pooling_operator(w_self, w, neighbours)
-    for _ in range(iterations):
-        x = P @ x
-    return x
+    if iterations <= 0 or features.shape[0] == 0:
+        return features.float().clone()
+    valid = neighbours >= 0
+    src, dst = edge_list(neighbours)
+    return geometry_guided_pooling_edges(features, embeddings, src, dst, iterations, temperature,
+                                         affinity_threshold, self_weight,
+                                         None if gates is None else gates[valid])
 
 
 def pooling_region(neighbours: NbArg, changed: torch.Tensor, iterations: int, n: int
@@ -142,8 +215,6 @@ def uniform_smoothing(features: torch.Tensor, neighbours: torch.Tensor, iteratio
     n, k = neighbours.shape
     valid = (neighbours >= 0).float()
     denom = valid.sum(1) + 1.0
-    P = pooling_operator(1.0 / denom, valid / denom[:, None], neighbours)
-    x = features.float()
-    for _ in range(iterations):
-        x = P @ x
-    return x
+    src, dst = edge_list(neighbours)
+    crow, col, val = _csr_from_edges(1.0 / denom, (1.0 / denom).index_select(0, src), src, dst, n)
+    return apply_operator(features, crow, col, val, iterations)

@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..device import resolve_device
-from .geometry import (VoxelGrid, edge_gates, expand_hops, local_table, neighbour_offsets,
-                       normals_curvature)
-from .pooling import geometry_guided_pooling, incremental_pooling
+from .geometry import (VoxelGrid, edge_gate_values, edge_gates, edge_list, expand_hops, local_table,
+                       neighbour_offsets, normals_curvature)
+from .pooling import geometry_guided_pooling_edges, incremental_pooling
 from .student import StudentAffinityNet, load_student
 
 MODES = ("raw", "purified", "pooled")
@@ -160,6 +160,9 @@ class Purifier:
         keys = getattr(vmap, "keys", None)
         if self._keys is None or not torch.is_tensor(keys):
             return torch.zeros(0, dtype=torch.long, device=vmap.xyz.device)
+        m = self._keys.numel()
+        if m <= keys.numel() and torch.equal(keys[:m], self._keys):
+            return torch.zeros(0, dtype=torch.long, device=keys.device)     # appends only: nothing vanished
         gone = self._keys[~torch.isin(self._keys, keys)]
         if gone.numel() == 0:
             return torch.zeros(0, dtype=torch.long, device=keys.device)
@@ -169,10 +172,12 @@ class Purifier:
         slots = vmap.lookup(ring)
         return slots[slots >= 0].unique()
 
-    def _embed(self, xyz, colors, nb) -> tuple[torch.Tensor, torch.Tensor]:
-        normals, curv = normals_curvature(xyz, nb)
-        emb = self.student(xyz.to(self.device), colors.to(self.device), nb.to(self.device),
-                           normals.to(self.device), curv.to(self.device))
+    def _embed(self, xyz, colors, nb, edges=None) -> tuple[torch.Tensor, torch.Tensor]:
+        edges = edge_list(nb) if edges is None else edges
+        normals, curv = normals_curvature(xyz, nb, edges=edges)
+        dev = self.device
+        emb = self.student(xyz.to(dev), colors.to(dev), nb.to(dev), normals.to(dev), curv.to(dev),
+                           edges=(edges[0].to(dev), edges[1].to(dev)))
         return emb.to(xyz.device), normals
 
     def _full(self, vmap, mode: str, stats: PurifyStats) -> None:
@@ -184,20 +189,27 @@ class Purifier:
             stats.updated = n
             return
         t = time.perf_counter()
+        # One neighbour table and one edge list per pass, shared by normals, student, gates and pooling.
         nb = self._all_neighbours(vmap)
-        emb, normals = self._embed(vmap.xyz.float(), vmap.colors, nb)
-        vmap.set_channel(c.embedding_channel, all_slots, emb.to(torch.float16))
+        src, dst = edge_list(nb)
+        xyz = vmap.xyz.float()
+        emb, normals = self._embed(xyz, vmap.colors, nb, (src, dst))
+        emb16 = emb.to(torch.float16)
+        vmap.set_channel(c.embedding_channel, all_slots, emb16)
         vmap.set_channel(c.normal_channel, all_slots, normals.float())
         stats.embedded = n
         stats.ms_embed = (time.perf_counter() - t) * 1e3
         t = time.perf_counter()
         iters, use_gates = self._pool_params(mode)
-        emb_c = vmap.channel(c.embedding_channel)
-        gates = _edge_gates_rows(vmap.xyz, vmap.colors, vmap.channel(c.normal_channel), all_slots, nb,
-                                 self._voxel_size(vmap), c) if use_gates else None
-        out = geometry_guided_pooling(vmap.features, emb_c, nb, iters, c.temperature, c.affinity_threshold,
-                                      c.self_weight, gates)
-        vmap.set_channel(c.output_channel, all_slots, out.to(torch.float16))
+        # Pool from exactly what the channels hold (float16 embeddings, float32 normals): the incremental
+        # pass reads the channels, so full and incremental agree.
+        gates = edge_gate_values(xyz, vmap.colors, normals.float(), src, dst, self._voxel_size(vmap),
+                                 c.color_sigma if c.color_gate else None,
+                                 c.normal_sigma if c.normal_gate else None,
+                                 c.depth_sigma if c.depth_gate else None) if use_gates else None
+        out = geometry_guided_pooling_edges(vmap.features, emb16, src, dst, iters, c.temperature,
+                                            c.affinity_threshold, c.self_weight, gates, out_dtype=torch.float16)
+        vmap.set_channel(c.output_channel, all_slots, out)
         stats.updated = stats.support = n
         stats.ms_pool = (time.perf_counter() - t) * 1e3
 
@@ -210,9 +222,10 @@ class Purifier:
             return
         t = time.perf_counter()
         r = self.student.receptive_hops
-        changed = expand_hops(vmap.neighbours, dirty, r, n)           # embeddings/normals that can change
-        sub = expand_hops(vmap.neighbours, changed, r, n)             # data they read
-        local = local_table(vmap.neighbours(sub), sub, n)
+        nbf = _CachedNeighbours(vmap.neighbours, n, vmap.xyz.device)   # each voxel's hash look-up at most once
+        changed = expand_hops(nbf, dirty, r, n)                       # embeddings/normals that can change
+        sub = expand_hops(nbf, changed, r, n)                         # data they read
+        local = local_table(nbf(sub), sub, n)
         emb, normals = self._embed(vmap.xyz[sub].float(), vmap.colors[sub], local)
         pos = torch.searchsorted(sub, changed)
         vmap.set_channel(c.embedding_channel, changed, emb[pos].to(torch.float16))
@@ -225,12 +238,39 @@ class Purifier:
         vs = self._voxel_size(vmap)
         gates = (lambda slots, rows: _edge_gates_rows(vmap.xyz, vmap.colors, normals_all, slots, rows, vs, c)) \
             if use_gates else None
-        affected, out = incremental_pooling(vmap.features, vmap.channel(c.embedding_channel), vmap.neighbours,
+        affected, out = incremental_pooling(vmap.features, vmap.channel(c.embedding_channel), nbf,
                                             changed, iters, c.temperature, c.affinity_threshold, c.self_weight,
                                             gates, n=n)
         vmap.set_channel(c.output_channel, affected, out.to(torch.float16))
         stats.updated = int(affected.numel())
         stats.ms_pool = (time.perf_counter() - t) * 1e3
+
+
+class _CachedNeighbours:
+    """Memoising wrapper of `vmap.neighbours` for one incremental pass: the hop expansions, the student
+    sub-graph and the pooling support all query overlapping slot sets; each slot is looked up once."""
+
+    def __init__(self, fn, n: int, device):
+        self.fn = fn
+        self.pos = torch.full((n,), -1, dtype=torch.long, device=device)
+        self.rows = None
+        self.used = 0
+
+    def __call__(self, slots: torch.Tensor) -> torch.Tensor:
+        slots = slots.reshape(-1)
+        new = slots[self.pos[slots] < 0].unique()
+        if new.numel():
+            nb = self.fn(new)
+            if self.rows is None or self.used + new.numel() > self.rows.shape[0]:
+                cap = max(2 * (self.used + new.numel()), 1024)
+                grown = nb.new_empty(cap, nb.shape[1])
+                if self.rows is not None:
+                    grown[:self.used] = self.rows[:self.used]
+                self.rows = grown
+            self.rows[self.used:self.used + new.numel()] = nb
+            self.pos[new] = torch.arange(self.used, self.used + new.numel(), device=slots.device)
+            self.used += new.numel()
+        return self.rows[self.pos[slots]]
 
 
 def _edge_gates_rows(xyz, colors, normals, slots, nb_rows, voxel_size, c: PurifyConfig) -> torch.Tensor:

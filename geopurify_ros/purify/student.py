@@ -32,13 +32,17 @@ class StudentConfig:
 
 
 def point_features(xyz: torch.Tensor, colors: torch.Tensor, neighbours: torch.Tensor,
-                   normals: torch.Tensor | None = None, curvature: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-voxel invariant inputs (N, 11) and the normals (N,3) they were computed with."""
+                   normals: torch.Tensor | None = None, curvature: torch.Tensor | None = None,
+                   edges: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-voxel invariant inputs (N, 11) and the normals (N,3) they were computed with.
+
+    edges: `edge_list(neighbours)` if already computed (shared with the rest of a purification pass)."""
+    if edges is None:
+        edges = edge_list(neighbours)
     if normals is None or curvature is None:
-        normals, curvature = normals_curvature(xyz, neighbours)
+        normals, curvature = normals_curvature(xyz, neighbours, edges=edges)
     c = colors_float(colors)
-    mean, std = colour_stats(c, neighbours)
+    mean, std = colour_stats(c, neighbours, edges=edges)
     occ = (neighbours >= 0).float().sum(1, keepdim=True) / 26.0   # constant: tables may be compacted
     feats = torch.cat([c - 0.5, mean - 0.5, std * 4.0, curvature[:, None] * 6.0, occ], 1)
     return feats, normals
@@ -54,8 +58,27 @@ def geometry_features(source, neighbours: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def edge_features(xyz: torch.Tensor, normals: torch.Tensor, colors01: torch.Tensor, src: torch.Tensor,
-                  dst: torch.Tensor, voxel_size: float) -> torch.Tensor:
+                  dst: torch.Tensor, voxel_size: float, block: int = 1 << 16) -> torch.Tensor:
     """(E,6) invariant descriptors of directed edges src -> dst (dst is a neighbour of src)."""
+    if torch.is_grad_enabled() or src.numel() <= block:
+        return _edge_features(xyz, normals, colors01, src, dst, voxel_size)
+    # inference: cache-sized blocks (no (E,3) temporaries) and one packed [xyz | normal | colour] row gather
+    # per endpoint instead of three
+    out = xyz.new_empty(src.numel(), N_EDGE_FEATURES)
+    packed = torch.cat([xyz, normals.to(xyz.dtype), colors01.to(xyz.dtype)], 1)
+    for s in range(0, src.numel(), block):
+        pi, pj = packed.index_select(0, src[s:s + block]), packed.index_select(0, dst[s:s + block])
+        ob = out[s:s + block]
+        d = (pj[:, 0:3] - pi[:, 0:3]) / voxel_size
+        ni, nj = pi[:, 3:6], pj[:, 3:6]
+        ob[:, 0] = d.norm(dim=-1) - 1.2
+        ob[:, 1] = (d * ni).sum(-1).abs()
+        ob[:, 2] = 1.0 - (ni * nj).sum(-1).abs()
+        ob[:, 3:6] = (pj[:, 6:9] - pi[:, 6:9]).abs().mul_(3.0)
+    return out
+
+
+def _edge_features(xyz, normals, colors01, src, dst, voxel_size) -> torch.Tensor:
     d = (xyz.index_select(0, dst) - xyz.index_select(0, src)) / voxel_size
     ni, nj = normals.index_select(0, src), normals.index_select(0, dst)
     dist = d.norm(dim=-1, keepdim=True)
@@ -79,13 +102,27 @@ class EdgeRound(nn.Module):
         self.g = nn.Linear(N_EDGE_FEATURES, c, bias=False)
         self.out = nn.Sequential(nn.Linear(2 * c, c), nn.ReLU(), nn.Linear(c, c))
 
-    def forward(self, h: torch.Tensor, edges: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, edges: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
+                block: int = 1 << 15) -> torch.Tensor:
         ah, bh = self.a(h), self.b(h)          # linearity: A h_j computed once per voxel, then gathered
-        agg = torch.relu(ah + bh)              # self edge (zero edge features); messages are >= 0
-        if src.numel():
-            # index_select + in-place adds: ~2x less memory traffic than fancy indexing on CPU
-            m = ah.index_select(0, dst).add_(bh.index_select(0, src)).add_(self.g(edges)).relu_()
-            agg = agg.scatter_reduce(0, src[:, None].expand(-1, m.shape[1]), m, "amax", include_self=True)
+        if torch.is_grad_enabled() or src.numel() <= block:      # training (autograd) / small graphs
+            agg = torch.relu(ah + bh)          # self edge (zero edge features); messages are >= 0
+            if src.numel():
+                # index_select + in-place adds: ~2x less memory traffic than fancy indexing on CPU
+                m = ah.index_select(0, dst).add_(bh.index_select(0, src)).add_(self.g(edges)).relu_()
+                agg = agg.scatter_reduce(0, src[:, None].expand(-1, m.shape[1]), m, "amax", include_self=True)
+            return h + self.out(torch.cat([h, agg], 1))
+        # Inference. B h_i is constant over i's neighbours and relu / "+ const" are monotone, so
+        #   max_j relu(A h_j + B h_i + G e_ij) = relu(B h_i + max_j (A h_j + G e_ij)),
+        # which drops the per-edge B h_i gather and relu. Messages go in cache-sized edge blocks, so the
+        # (E, c) message tensor is never materialised; max is exact and order-independent.
+        gw, c = self.g.weight.t(), ah.shape[1]
+        mx = ah.clone()                        # self edge: A h_i + G 0
+        for s in range(0, src.numel(), block):
+            ss = src[s:s + block]
+            m = torch.addmm(ah.index_select(0, dst[s:s + block]), edges[s:s + block], gw)
+            mx.scatter_reduce_(0, ss[:, None].expand(-1, c), m, "amax", include_self=True)
+        agg = mx.add_(bh).relu_()
         return h + self.out(torch.cat([h, agg], 1))
 
 
@@ -110,11 +147,14 @@ class StudentAffinityNet(nn.Module):
         return self.config.embed_dim
 
     def forward(self, xyz: torch.Tensor, colors: torch.Tensor, neighbours: torch.Tensor,
-                normals: torch.Tensor | None = None, curvature: torch.Tensor | None = None) -> torch.Tensor:
-        """xyz (N,3) metres, colors (N,3) uint8 or [0,1], neighbours (N,K) long (-1 none) -> (N,E) unit."""
+                normals: torch.Tensor | None = None, curvature: torch.Tensor | None = None,
+                edges: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """xyz (N,3) metres, colors (N,3) uint8 or [0,1], neighbours (N,K) long (-1 none) -> (N,E) unit.
+
+        edges: `edge_list(neighbours)` if the caller already has it (a purification pass shares it)."""
         xyz = xyz.float()
-        feats, normals = point_features(xyz, colors, neighbours, normals, curvature)
-        src, dst = edge_list(neighbours)
+        src, dst = edge_list(neighbours) if edges is None else edges
+        feats, normals = point_features(xyz, colors, neighbours, normals, curvature, edges=(src, dst))
         edges = edge_features(xyz, normals, colors_float(colors), src, dst, self.config.voxel_size)
         h = self.stem(feats)
         for r in self.rounds:
