@@ -31,7 +31,8 @@ def main(argv=None) -> int:
     from geopurify_ros.config import PipelineConfig, load_ros_params
     from geopurify_ros.data import make_demo
     from geopurify_ros.eval.cli import load_labels
-    from geopurify_ros.eval.replay import BagSource, Topics, replay_offline
+    from geopurify_ros.data.bag_source import BagSource, Topics
+    from geopurify_ros.eval.replay import replay_offline
 
     from geopurify_ros.cache import cache_dir
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from geopurify_ros.data.bag_source import BagSource, Topics
 from geopurify_ros.eval import EvalError
 from geopurify_ros.eval.cli import main
-from geopurify_ros.eval.replay import BagSource, Topics
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = str(ROOT / "config" / "labels.yaml")

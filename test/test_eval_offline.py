@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from geopurify_ros.data.bag_source import BagSource
 from geopurify_ros.eval import EvalError
 from geopurify_ros.eval.cli import load_gt, main, score_results
-from geopurify_ros.eval.replay import BagSource, ReplayResult
+from geopurify_ros.eval.replay import ReplayResult
 
 from conftest import tiny_demo_dir
 from test_eval_errors import LABELS, eval_params, synthetic_gt, write_synthetic_bag
@@ -134,7 +135,7 @@ def test_gt_loaders(tmp_path):
 def test_topics_follow_the_node_params_and_cli_overrides():
     from geopurify_ros.config import load_ros_params
     from geopurify_ros.eval.cli import build_parser, parse_topic_overrides
-    from geopurify_ros.eval.replay import Topics
+    from geopurify_ros.data.bag_source import Topics
 
     params = load_ros_params(Path(LABELS).parent / "mapping.yaml")
     t = Topics.from_params(params)

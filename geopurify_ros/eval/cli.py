@@ -213,7 +213,8 @@ def cloud_xyz_labels(cloud: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def run(args) -> Path:
     from geopurify_ros.config import PipelineConfig, load_ros_params
 
-    from .replay import BagSource, Topics, replay_offline
+    from ..data.bag_source import BagSource, Topics
+    from .replay import replay_offline
     from .report import write_report
 
     class_names, ignore_label = load_labels(args.labels)

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from . import EvalError
-from .replay import MODES, BagSource, ReplayResult, _on_worker_thread
+from ..data.bag_source import BagSource
+from .replay import MODES, ReplayResult, _on_worker_thread
 
 NODE = "geopurify_mapping"
 EVAL_POSE_TOPIC = "/geopurify_eval/camera_pose"
