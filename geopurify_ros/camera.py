@@ -239,14 +239,37 @@ def backproject(depth, cam: CameraModel, T_world_cam, stride: int = 1, min_depth
     # NaN compares False, so this also drops NaN; inf fails the max test; z = 0 is "no return" even if min_depth = 0.
     valid = (z >= min_depth) & (z <= max_depth) & (z > 0)
     idx = valid.reshape(-1).nonzero().squeeze(1)
-    w_s = z.shape[1]
-    rows = (idx // w_s) * stride
-    cols = (idx % w_s) * stride
+    pix_grid, ray_grid = _ray_grid(cam, stride, z.shape, dev)
+    pixels = pix_grid.index_select(0, idx)
     zv = z.reshape(-1).index_select(0, idx)
-    xn, yn = cam.pixel_rays(rows.to(torch.float32), cols.to(torch.float32))
+    xn, yn = ray_grid.index_select(0, idx).unbind(1)
     x, y = xn * zv, yn * zv
     # Row-by-row affine map: a (N,3)@(3,3) matmul is slower than 3 fused multiply-adds per output on CPU.
     points = torch.stack([torch.addcmul(torch.addcmul(zv * R[i, 2] + t[i], x, R[i, 0]), y, R[i, 1])
                           for i in range(3)], dim=1)
-    pixels = torch.stack((rows, cols), dim=1)
-    return points, pixels.to(dev), zv
+    return points, pixels, zv
+
+
+def _ray_grid(cam: CameraModel, stride: int, shape, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixels (n,2) long (row, col), rays (n,2) float32 (x/z, y/z)) of the stride grid, row-major; cached.
+
+    The rays are ``cam.pixel_rays`` of the grid pixels (elementwise, so identical to evaluating them per point).
+    The cache is keyed by the camera's value (CameraModel is a frozen, hashable dataclass), so a node that rebuilds
+    the model from every CameraInfo message still hits it; it holds at most ``_RAY_GRID_CACHE_SIZE`` grids.
+    """
+    key = (cam, int(stride), tuple(shape), str(dev))
+    hit = _RAY_GRIDS.get(key)
+    if hit is None:
+        h_s, w_s = shape
+        rows = (torch.arange(h_s, device=dev) * stride)[:, None].expand(h_s, w_s).reshape(-1)
+        cols = (torch.arange(w_s, device=dev) * stride)[None, :].expand(h_s, w_s).reshape(-1)
+        xn, yn = cam.pixel_rays(rows.to(torch.float32), cols.to(torch.float32))
+        hit = (torch.stack((rows, cols), dim=1), torch.stack((xn, yn), dim=1))
+        if len(_RAY_GRIDS) >= _RAY_GRID_CACHE_SIZE:
+            _RAY_GRIDS.clear()
+        _RAY_GRIDS[key] = hit
+    return hit
+
+
+_RAY_GRID_CACHE_SIZE = 8
+_RAY_GRIDS: dict = {}

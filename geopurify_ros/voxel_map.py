@@ -12,6 +12,7 @@ inserts merge the (already sorted) new keys in O(len) without re-sorting the map
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ FORMAT_VERSION = 1
 EVICTION_POLICIES = ("farthest", "lru")
 WEIGHTINGS = ("depth", "uniform")
 _INITIAL_CAPACITY = 4096
+_LERP_BLOCK_BYTES = 1 << 20  # float32 bytes per block of the storage update (fits L2)
 
 
 def pack_keys(ijk: torch.Tensor) -> torch.Tensor:
@@ -62,15 +64,18 @@ def _group_pairs(ijk: torch.Tensor, cell: torch.Tensor, ncell: int):
     Voxel coords are re-indexed relative to the frame's bounding box so (voxel, cell) fits one int64 whose order
     is the voxel-key order (both lexicographic in i, j, k); the global keys are only formed for the M voxels.
     """
-    lo = ijk.min(0).values
-    si, sj, sk = (ijk.max(0).values - lo + 1).tolist()
+    lo, hi = ijk.aminmax(dim=0)
+    si, sj, sk = (hi - lo + 1).tolist()
     if si * sj * sk * ncell < 2 ** 62:
-        rel = ijk - lo
+        # int32 pair keys when the frame's box fits (cheaper sort); same order either way.
+        kt = torch.int32 if si * sj * sk * ncell < 2 ** 31 else torch.int64
+        rel = (ijk - lo).to(kt)
         local = (rel[:, 0] * sj + rel[:, 1]) * sk + rel[:, 2]
-        upair, pinv = torch.unique(local * ncell + cell, return_inverse=True)
+        upair, pinv = torch.unique(local * ncell + cell.to(kt), return_inverse=True)
         ulocal, pvox = torch.unique_consecutive(upair // ncell, return_inverse=True)
+        ulocal = ulocal.to(torch.int64)
         uijk = torch.stack((ulocal // (sj * sk), (ulocal // sk) % sj, ulocal % sk), 1) + lo
-        return pack_keys(uijk), pvox, upair % ncell, pinv
+        return pack_keys(uijk), pvox, (upair % ncell).to(torch.int64), pinv
     # Frame spans a huge extent: two sorts (voxel keys, then pairs of voxel index and cell).
     ukeys, vinv = torch.unique(pack_keys(ijk), return_inverse=True)
     upair, pinv = torch.unique(vinv * ncell + cell, return_inverse=True)
@@ -92,6 +97,19 @@ def _wide_rows(t: torch.Tensor) -> torch.Tensor:
         if row_bytes % size == 0 and size > flat.element_size():
             return flat.view(dt)
     return flat
+
+
+def _row_view(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(C, ...) contiguous tensor viewed as (C, k) of ``dtype`` when a row's bytes divide evenly, else ``_wide_rows``.
+
+    Bit-exact reinterpretation for row moves only (no arithmetic): CPU ``index_select`` takes a row-memcpy path for
+    float64 and ``index_copy_`` moves 16-byte elements fastest as complex128 (measured, torch 2.x).
+    """
+    flat = t.reshape(t.shape[0], -1)
+    size = torch.empty(0, dtype=dtype).element_size()
+    if t.device.type == "cpu" and (flat.shape[1] * flat.element_size()) % size == 0 and flat.element_size() < size:
+        return flat.view(dtype)
+    return _wide_rows(t)
 
 
 @dataclass
@@ -386,7 +404,7 @@ class VoxelMap:
         csum = torch.zeros((m, 3), device=dev).index_add_(0, inv, colors.float() * weights[:, None])
         cnt = torch.bincount(inv, minlength=m).to(torch.int32)
 
-        def feature_sum(order, scale):
+        def feature_sum(order, scale, n_first=0):
             return (fsum if order is None else fsum[order]).mul_(scale[:, None])
 
         return self._integrate(ukeys, wsum, feature_sum, xsum, csum, cnt, stamp, origin)
@@ -425,13 +443,19 @@ class VoxelMap:
                 or feature_map.shape[0] < 1 or feature_map.shape[1] < 1):
             raise ValueError(f"feature_map: expected float (h, w, {self.feature_dim}), got "
                              f"{feature_map.dtype} {tuple(feature_map.shape)}")
-        if not bool(torch.isfinite(feature_map).all()):
+        # min/max propagate NaN and expose +-inf: one reduction pass instead of an isfinite mask over (h, w, D).
+        fmin, fmax = feature_map.aminmax()
+        if not (math.isfinite(float(fmin)) and math.isfinite(float(fmax))):
             raise ValueError("feature_map: contains NaN/inf")
         T = validate_pose(T_world_cam)
         points, pix, z = backproject(depth, cam, T, stride, min_depth, max_depth)
         w = (1.0 / (z * z)) if weighting == "depth" else torch.ones_like(z)
-        ijk, ok = voxel_coords(points, self.voxel_size)
-        if not bool(ok.all()):
+        q = torch.floor(points / self.voxel_size)
+        qmin, qmax = q.aminmax() if q.numel() else (q.new_zeros(()), q.new_zeros(()))
+        if float(qmin) >= KEY_MIN and float(qmax) <= KEY_MAX:  # common case: whole frame in range, no mask
+            ijk = q.to(torch.int64)
+        else:
+            ijk, ok = voxel_coords(points, self.voxel_size)
             sel = ok.nonzero().squeeze(1)
             points, pix, w, ijk = points[sel], pix[sel], w[sel], ijk[sel]
         origin = torch.as_tensor(T[:3, 3], dtype=torch.float32, device=dev)
@@ -450,31 +474,43 @@ class VoxelMap:
         ukeys, pvox, pcell, pinv = _group_pairs(ijk, cell0, hw)
         m = ukeys.numel()
         colors = rgb.reshape(-1, 3).index_select(0, pix[:, 0] * W + pix[:, 1]).to(torch.float32)
-        wax, way = w * ax, w * ay
-        per_point = torch.cat((torch.stack((w, wax, way, wax * ay), 1), points * w[:, None], colors * w[:, None]), 1)
-        per_pair = torch.zeros((pvox.numel(), 10), device=dev).index_add_(0, pinv, per_point)
-        pcount = torch.bincount(pinv, minlength=pvox.numel())
-        per_vox = torch.zeros((m, 7), device=dev).index_add_(0, pvox, per_pair[:, [0, 4, 5, 6, 7, 8, 9]])
+        # Channel-major (10, N) sums: index_add_ along dim 1 is one vectorised pass (dim 0 of a (N, 10) tensor costs
+        # one kernel launch per row on CPU). Rows: w, w*ax, w*ay, w*ax*ay, w*xyz, w*rgb.
+        per_point = torch.empty((10, w.numel()), device=dev)
+        per_point[0] = w
+        torch.mul(w, ax, out=per_point[1])
+        torch.mul(w, ay, out=per_point[2])
+        torch.mul(per_point[1], ay, out=per_point[3])
+        torch.mul(points.t(), w, out=per_point[4:7])
+        torch.mul(colors.t(), w, out=per_point[7:10])
+        npair = pvox.numel()
+        per_pair = torch.zeros((10, npair), device=dev).index_add_(1, pinv, per_point)
+        pcount = torch.bincount(pinv, minlength=npair)
+        per_vox = torch.zeros((7, m), device=dev).index_add_(1, pvox, per_pair[[0, 4, 5, 6, 7, 8, 9]]).t().contiguous()
         cnt = torch.zeros(m, dtype=torch.int64, device=dev).index_add_(0, pvox, pcount).to(torch.int32)
-        s0, sx, sy, sxy = per_pair[:, :4].unbind(1)
+        s0, sx, sy, sxy = per_pair[:4]
         cw = torch.stack((s0 - sx - sy + sxy, sx - sxy, sy - sxy, sxy), 1)  # (P,4) corners 00, 01, 10, 11
         dx = 1 if wf > 1 else 0
         dy = wf if h > 1 else 0
         cols = torch.stack((pcell, pcell + dx, pcell + dy, pcell + dy + dx), 1)
         fmap = feature_map.reshape(hw, self.feature_dim).float()
 
-        def feature_sum(order: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
+        def feature_sum(order: torch.Tensor | None, scale: torch.Tensor, n_first: int = 0) -> torch.Tensor:
             # sum_points w * bilinear(F) = A @ F with A (voxels x cells) sparse, 4 entries per pair; evaluated as a
             # weighted embedding_bag (CSR x dense, fast on CPU and CUDA). Rows are permuted to ``order`` and scaled
             # by ``scale`` inside the sparse values so the (M, D) result needs no extra pass.
             if order is None:
                 row, c, v = pvox, cols, cw
             else:
+                # ``order`` is (old voxels, new voxels), each ascending, and pairs are grouped by ascending voxel, so
+                # the stable sort of pairs by new row is a stable partition (old first): O(P), no argsort.
                 rank = torch.empty_like(order)
                 rank[order] = torch.arange(m, device=dev)
-                row = rank[pvox]
-                perm = torch.argsort(row, stable=True)
-                row, c, v = row[perm], cols[perm], cw[perm]
+                first = torch.zeros(m, dtype=torch.bool, device=dev)
+                first[order[:n_first]] = True
+                pfirst = first[pvox]
+                perm = torch.cat((pfirst.nonzero().squeeze(1), (~pfirst).nonzero().squeeze(1)))
+                row, c, v = rank[pvox[perm]], cols[perm], cw[perm]
             offsets = torch.zeros(m, dtype=torch.int64, device=dev)
             offsets[1:] = torch.cumsum(torch.bincount(row, minlength=m) * 4, 0)[:-1]
             vals = (v * scale[row][:, None]).reshape(-1)
@@ -486,8 +522,9 @@ class VoxelMap:
         """Fold per-voxel weighted sums into the map.
 
         ukeys (M,) sorted unique keys; wsum (M,) weight sums; xsum, csum (M,3) weighted sums of positions / colours;
-        cnt (M,) int32 point counts; feature_sum(order (M,) long | None, scale (M,)) -> (M,D) float32 rows
-        ``scale[r] * sum(w * f)`` of voxel ``order[r]`` (identity order when None).
+        cnt (M,) int32 point counts; feature_sum(order (M,) long | None, scale (M,), n_first) -> (M,D) float32 rows
+        ``scale[r] * sum(w * f)`` of voxel ``order[r]`` (identity order when None); ``order`` is two ascending runs
+        split at ``n_first`` (existing voxels, then new ones).
         Existing voxels are processed first and new ones after, so each (M, D) pass touches contiguous rows.
         """
         self._origin = origin
@@ -503,13 +540,19 @@ class VoxelMap:
         w0 = b["weights"][s]
         w1 = w0 + wsum[oi]
         scale = torch.cat((1.0 / w1, 1.0 / wsum[ni]))
-        feats = feature_sum(order, scale)
+        feats = feature_sum(order, scale, n_old)
         if n_old:
             # Running weighted mean: mean' = mean * w0/w1 + sum(w f)/w1, in float32, stored float16.
             a = (w0 / w1)[:, None]
             fo = feats[:n_old]
-            fo.addcmul_(b["features"].index_select(0, s).float(), a)  # same-dtype addcmul is the fast kernel
-            _wide_rows(b["features"]).index_copy_(0, s, _wide_rows(fo.to(torch.float16)))
+            fs = b["features"]
+            gather, scatter = _row_view(fs, torch.float64), _row_view(fs, torch.complex128)
+            # Gather -> float32 lerp -> float16 -> scatter in row blocks that stay cache-resident.
+            step = max(1, _LERP_BLOCK_BYTES // (4 * self.feature_dim))
+            for r in range(0, n_old, step):
+                sb, fb = s[r:r + step], fo[r:r + step]
+                fb.addcmul_(gather.index_select(0, sb).view(fs.dtype).float(), a[r:r + step])
+                scatter.index_copy_(0, sb, _row_view(fb.to(fs.dtype), torch.complex128))
             c = scale[:n_old, None]
             b["xyz"][s] = b["xyz"][s] * a + xsum[oi] * c
             b["colors"][s] = (b["colors"][s].float() * a + csum[oi] * c).round_().clamp_(0, 255).to(torch.uint8)

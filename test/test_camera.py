@@ -120,3 +120,27 @@ def test_plumb_bob_undistortion_inverts_distortion():
     assert abs(float(x[0, 0])) > abs((0 - 320) / 500)
     pts, _, _ = backproject(torch.ones(480, 640), cam, np.eye(4), stride=8)
     assert torch.isfinite(pts).all()
+
+
+@pytest.mark.parametrize("stride", [1, 3])
+def test_backproject_cached_ray_grid_matches_direct_evaluation(stride):
+    cam = CameraModel(64, 48, 50.0, 52.0, 31.0, 24.5, "plumb_bob", (-0.2, 0.05, 1e-3, -5e-4, 0.0))
+    depth = torch.rand(48, 64, generator=torch.Generator().manual_seed(3)) * 3 + 0.05
+    depth[5, :] = float("nan")
+    T = pose_to_matrix([0.3, -1.0, 2.0], [0.1, 0.2, -0.3, 0.9])
+    for _ in range(2):  # second call hits the per-camera cache
+        pts, pix, z = backproject(depth, cam, T, stride=stride)
+        sub = depth[::stride, ::stride]
+        valid = (sub >= 0.1) & (sub <= 8.0)
+        r, c = torch.meshgrid(torch.arange(0, 48, stride), torch.arange(0, 64, stride), indexing="ij")
+        assert torch.equal(pix, torch.stack((r[valid], c[valid]), 1))
+        assert torch.equal(z, sub[valid])
+        xn, yn = cam.pixel_rays(r[valid].float(), c[valid].float())
+        p_cam = torch.stack((xn * z, yn * z, z), 1).double()
+        ref = p_cam @ torch.from_numpy(T[:3, :3]).T + torch.from_numpy(T[:3, 3])
+        np.testing.assert_allclose(pts.numpy(), ref.numpy(), atol=1e-5)
+    # An equal model (e.g. rebuilt from every CameraInfo) shares the cached grid; a different one does not.
+    same = CameraModel(64, 48, 50.0, 52.0, 31.0, 24.5, "plumb_bob", (-0.2, 0.05, 1e-3, -5e-4, 0.0))
+    assert torch.equal(backproject(depth, same, T, stride=stride)[0], pts)
+    other = CameraModel(64, 48, 50.0, 52.0, 31.0, 24.5)
+    assert not torch.equal(backproject(depth, other, T, stride=stride)[0], pts)

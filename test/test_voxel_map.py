@@ -324,7 +324,7 @@ def test_bad_inputs_raise_value_error():
     assert math.isfinite(float(vm.xyz.sum()))
 
 
-@pytest.mark.parametrize("spread", [5, KEY_MAX])
+@pytest.mark.parametrize("spread", [5, 2000, KEY_MAX])  # int32 pair keys, int64 pair keys, two sorts
 def test_group_pairs_matches_two_sort_reference(spread):
     from geopurify_ros.voxel_map import _group_pairs
     g = torch.Generator().manual_seed(4)
@@ -355,3 +355,86 @@ def test_cuda_matches_cpu(tmp_path):
     ia, ib = torch.argsort(a.keys), torch.argsort(b.keys)
     np.testing.assert_allclose(a.features_f32()[ia].numpy(), b.features_f32()[ib].numpy(), atol=2e-3)
     np.testing.assert_allclose(a.xyz[ia].numpy(), b.xyz[ib].numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("max_voxels", [100_000, 700])
+def test_fuse_frame_sequence_matches_per_point_reference(max_voxels):
+    """Several moving frames (existing + new voxels, eviction): fuse_frame == fuse of grid_sample'd points."""
+    D = 5
+    g = torch.Generator().manual_seed(7)
+    fmap = torch.randn(15, 20, D, generator=g)
+    rng = np.random.default_rng(7)
+    rgb = rng.integers(0, 256, (CAM.height, CAM.width, 3), dtype=np.uint8)
+    a, b = VoxelMap(VS, D, max_voxels=max_voxels), VoxelMap(VS, D, max_voxels=max_voxels)
+    for vm in (a, b):
+        vm.add_channel("tag", (), torch.int32, fill=-3)
+    for i in range(4):
+        depth = (0.8 + 0.3 * rng.random((CAM.height, CAM.width))).astype(np.float32)
+        depth[rng.random(depth.shape) < 0.05] = np.nan
+        T = look_down_pose(1.2 + 0.05 * i)
+        T[:3, 3] += [0.07 * i, -0.03 * i, 0.0]
+        sa = a.fuse_frame(depth, fmap, rgb, CAM, T, stamp=float(i), stride=2)
+        pts, pix, z = backproject(torch.from_numpy(depth), CAM, T, stride=2, min_depth=0.1, max_depth=8.0)
+        grid = torch.stack(((pix[:, 1] + 0.5) / CAM.width * 2 - 1, (pix[:, 0] + 0.5) / CAM.height * 2 - 1), 1)
+        feats = F.grid_sample(fmap.permute(2, 0, 1)[None], grid[None, None].float(), mode="bilinear",
+                              padding_mode="border", align_corners=False)[0, :, 0].T
+        cols = torch.from_numpy(rgb)[pix[:, 0], pix[:, 1]]
+        sb = b.fuse(pts, feats, cols, 1.0 / z**2, float(i), T[:3, 3])
+        assert (sa.new, sa.updated, sa.evicted, sa.points) == (sb.new, sb.updated, sb.evicted, sb.points)
+        assert torch.equal(a.keys, b.keys)
+        assert torch.equal(a.counts, b.counts) and torch.equal(a.last_seen, b.last_seen)
+        assert torch.equal(a.dirty_slots(), b.dirty_slots())
+        assert torch.equal(a.channel("tag"), b.channel("tag"))
+        np.testing.assert_allclose(a.weights.numpy(), b.weights.numpy(), rtol=1e-5)
+        np.testing.assert_allclose(a.xyz.numpy(), b.xyz.numpy(), atol=1e-5)
+        np.testing.assert_allclose(a.features_f32().numpy(), b.features_f32().numpy(), atol=2e-3, rtol=0)
+        assert int((a.colors.int() - b.colors.int()).abs().max()) <= 1
+        probe = torch.cat((a.keys[:50], a.keys[:50] + 1))
+        assert torch.equal(a.lookup(probe), b.lookup(probe))
+        if i == 1:
+            a.clear_dirty()
+            b.clear_dirty()
+    if max_voxels == 700:
+        assert len(a) == 700
+
+
+def test_fuse_frame_rejects_nonfinite_feature_map_anywhere():
+    depth = np.ones((CAM.height, CAM.width), np.float32)
+    rgb = np.zeros((CAM.height, CAM.width, 3), np.uint8)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        fmap = torch.zeros(15, 20, 4)
+        fmap[14, 19, 3] = bad  # a cell no pixel samples still makes the map invalid
+        with pytest.raises(ValueError, match="feature_map: contains NaN"):
+            VoxelMap(VS, 4).fuse_frame(depth, fmap, rgb, CAM, np.eye(4))
+
+
+def test_fuse_frame_drops_out_of_range_points_like_fuse():
+    depth = np.full((CAM.height, CAM.width), 1.0, np.float32)
+    T = look_down_pose(1.0)
+    T[:3, 3] = [(KEY_MAX + 0.5) * VS, 0.0, 1.0]  # the frame straddles the +x key limit
+    fmap = torch.ones(15, 20, 3)
+    a, b = VoxelMap(VS, 3), VoxelMap(VS, 3)
+    sa = frame(a, depth, T, fmap=fmap, stride=2)
+    pts, _, z = backproject(torch.from_numpy(depth), CAM, T, stride=2)
+    sb = b.fuse(pts, torch.ones(pts.shape[0], 3), torch.full((pts.shape[0], 3), 100, dtype=torch.uint8), 1.0 / z**2,
+                0.0, T[:3, 3])
+    assert 0 < sa.points < pts.shape[0] and (sa.new, sa.points) == (sb.new, sb.points)
+    assert torch.equal(a.keys, b.keys) and torch.equal(a.counts, b.counts)
+    np.testing.assert_allclose(a.xyz.numpy(), b.xyz.numpy(), atol=1e-2)  # float32 at ~52 km: mm resolution
+
+
+@pytest.mark.parametrize("dim", [1, 3, 4, 8, 384])
+def test_row_views_move_float16_bits_exactly(dim):
+    """The float64 / complex128 row views used for the storage gather/scatter are bit-exact for any fp16 bits."""
+    from geopurify_ros.voxel_map import _row_view
+    g = torch.Generator().manual_seed(dim)
+    store = torch.randint(-2 ** 15, 2 ** 15, (50, dim), dtype=torch.int16, generator=g).view(torch.float16)
+    store[0, 0] = float("nan")
+    rows = torch.tensor([7, 0, 31, 2])
+    got = _row_view(store, torch.float64).index_select(0, rows).view(torch.float16)
+    assert torch.equal(got.view(torch.int16), store[rows].view(torch.int16))
+    new = torch.randint(-2 ** 15, 2 ** 15, (4, dim), dtype=torch.int16, generator=g).view(torch.float16)
+    ref = store.clone()
+    ref[rows] = new
+    _row_view(store, torch.complex128).index_copy_(0, rows, _row_view(new, torch.complex128))
+    assert torch.equal(store.view(torch.int16), ref.view(torch.int16))
