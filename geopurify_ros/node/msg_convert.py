@@ -54,31 +54,28 @@ def _check_image_header(msg: Any, what: str) -> None:
         raise FrameRejected("bad_data", f"{what}: data length {n} != height {h} x step {step}")
 
 
+def _decode_image(msg: Any, what: str, encodings, required_encoding: str, decode) -> np.ndarray:
+    """Check encoding and header of an Image, then decode its payload; FrameRejected names the reason."""
+    enc = msg.encoding
+    if enc not in encodings or (required_encoding and enc != required_encoding):
+        want = required_encoding or "|".join(encodings)
+        raise FrameRejected("bad_encoding", f"{what} encoding '{enc}', expected {want}")
+    _check_image_header(msg, what)
+    try:
+        return decode(msg.data, enc, msg.height, msg.width, msg.step)
+    except ValueError as exc:
+        raise FrameRejected("bad_data", f"{what}: {exc}") from None
+
+
 def decode_color_msg(msg: Any, required_encoding: str = "") -> np.ndarray:
     """sensor_msgs/Image -> uint8 (H, W, 3) RGB."""
-    enc = msg.encoding
-    if enc not in COLOR_ENCODINGS or (required_encoding and enc != required_encoding):
-        want = required_encoding or "|".join(COLOR_ENCODINGS)
-        raise FrameRejected("bad_encoding", f"colour encoding '{enc}', expected {want}")
-    _check_image_header(msg, "colour")
-    try:
-        return image_codec.decode_color(msg.data, enc, msg.height, msg.width, msg.step)
-    except ValueError as exc:
-        raise FrameRejected("bad_data", f"colour: {exc}") from None
+    return _decode_image(msg, "colour", COLOR_ENCODINGS, required_encoding, image_codec.decode_color)
 
 
 def decode_depth_msg(msg: Any, required_encoding: str = "") -> np.ndarray:
     """sensor_msgs/Image (16UC1 mm / 32FC1 m) -> float32 (H, W) metres, NaN invalid."""
-    enc = msg.encoding
-    if enc not in DEPTH_ENCODINGS or (required_encoding and enc != required_encoding):
-        want = required_encoding or "|".join(DEPTH_ENCODINGS)
-        raise FrameRejected("bad_encoding", f"depth encoding '{enc}', expected {want}")
-    _check_image_header(msg, "depth")
-    try:
-        return image_codec.decode_depth(msg.data, enc, msg.height, msg.width, msg.step,
-                                        is_bigendian=bool(msg.is_bigendian))
-    except ValueError as exc:
-        raise FrameRejected("bad_data", f"depth: {exc}") from None
+    return _decode_image(msg, "depth", DEPTH_ENCODINGS, required_encoding,
+                         lambda *a: image_codec.decode_depth(*a, is_bigendian=bool(msg.is_bigendian)))
 
 
 def camera_info_to_model(msg: Any) -> CameraModel:
