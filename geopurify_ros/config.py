@@ -20,8 +20,36 @@ SCANNET20 = [
 ]
 
 
+class ParamConfig:
+    """Base of the flat parameter dataclasses (pipeline, node): validated on construction, loaded from
+    a flat name -> value dict, errors name the parameter."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        raise NotImplementedError
+
+    def _need(self, cond: bool, name: str, why: str) -> None:
+        if not cond:
+            raise ValueError(f"{name}: {why} (got {getattr(self, name)!r})")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, params: dict[str, Any], strict: bool = False):
+        """Build from a flat parameter dict; unknown keys are ignored unless `strict`."""
+        known = set(cls.field_names())
+        unknown = sorted(set(params) - known)
+        if strict and unknown:
+            raise ValueError(f"{unknown[0]}: unknown parameter")
+        return cls(**{k: v for k, v in params.items() if k in known})
+
+
 @dataclass
-class PipelineConfig:
+class PipelineConfig(ParamConfig):
     """Settings of the ROS-free mapping pipeline (feature extraction, fusion, purification, queries)."""
 
     device: str = "auto"
@@ -54,15 +82,9 @@ class PipelineConfig:
     query_max_points: int = 50_000
     cloud_min_observations: int = 1
 
-    def __post_init__(self) -> None:
-        self.validate()
-
     def validate(self) -> None:
         """Raise ValueError naming the first bad parameter."""
-        def need(cond: bool, name: str, why: str) -> None:
-            if not cond:
-                raise ValueError(f"{name}: {why} (got {getattr(self, name)!r})")
-
+        need = self._need
         need(self.voxel_size > 0, "voxel_size", "must be > 0")
         need(self.max_voxels > 0, "max_voxels", "must be > 0")
         need(self.eviction in ("farthest", "lru"), "eviction", "must be 'farthest' or 'lru'")
@@ -79,19 +101,6 @@ class PipelineConfig:
         need(self.query_max_points > 0, "query_max_points", "must be > 0")
         need(self.feature_image_width >= 0, "feature_image_width", "must be >= 0")
         need(self.cloud_min_observations >= 1, "cloud_min_observations", "must be >= 1")
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
-    @classmethod
-    def from_dict(cls, params: dict[str, Any], strict: bool = False) -> "PipelineConfig":
-        """Build from a flat parameter dict; unknown keys are ignored unless `strict`."""
-        known = set(cls.field_names())
-        unknown = sorted(set(params) - known)
-        if strict and unknown:
-            raise ValueError(f"{unknown[0]}: unknown parameter")
-        return cls(**{k: v for k, v in params.items() if k in known})
 
     @classmethod
     def from_yaml(cls, path: str | Path, node_name: str = "geopurify_mapping") -> "PipelineConfig":

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from geopurify_ros.config import PipelineConfig
+from geopurify_ros.config import ParamConfig, PipelineConfig
 from geopurify_ros.node.pose_source import POSE_SOURCES, extrinsic_from_param
 
 COLOR_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8")
@@ -18,7 +18,7 @@ DEPTH_ENCODINGS = ("16UC1", "32FC1")
 
 
 @dataclass
-class NodeConfig:
+class NodeConfig(ParamConfig):
     """ROS-side settings of the mapping node (topics, frames, QoS, sync, keyframes, worker, outputs)."""
 
     color_topic: str = "/camera/color/image_raw"
@@ -50,9 +50,7 @@ class NodeConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad parameter."""
-        def need(cond: bool, name: str, why: str) -> None:
-            if not cond:
-                raise ValueError(f"{name}: {why} (got {getattr(self, name)!r})")
+        need = self._need
 
         for topic in ("color_topic", "depth_topic", "camera_info_topic"):
             need(bool(getattr(self, topic).strip()), topic, "must not be empty")
@@ -77,17 +75,6 @@ class NodeConfig:
         need(self.purify_period_s > 0, "purify_period_s", "must be > 0")
         need(self.diagnostics_period_s > 0, "diagnostics_period_s", "must be > 0")
         need(self.warn_throttle_s >= 0, "warn_throttle_s", "must be >= 0")
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
-    @classmethod
-    def from_dict(cls, params: dict[str, Any]) -> "NodeConfig":
-        known = set(cls.field_names())
-        cfg = cls(**{k: v for k, v in params.items() if k in known})
-        cfg.validate()
-        return cfg
 
 
 @dataclass(frozen=True)
