@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from .camera import CameraModel
+from .camera import CameraModel, validate_pose
 from .config import PipelineConfig
 from .device import resolve_device
 from .features import make_backend
@@ -43,13 +43,10 @@ class QueryResult:
 @dataclass
 class PipelineStats:
     frames_fused: int = 0
-    points_fused: int = 0
     purify_runs: int = 0
     last_fuse_ms: float = 0.0
     last_features_ms: float = 0.0
     last_purify_ms: float = 0.0
-    last_purified_voxels: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class MappingPipeline:
@@ -126,6 +123,7 @@ class MappingPipeline:
 
     @staticmethod
     def _check_frame(rgb, depth, cam, T):
+        # Checked before encoding: fuse_frame checks too, but only after the costly feature pass.
         rgb = np.asarray(rgb)
         depth = np.asarray(depth)
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
@@ -136,9 +134,7 @@ class MappingPipeline:
             raise ValueError(f"depth: shape {depth.shape} does not match color {rgb.shape[:2]} (register depth to colour)")
         if (cam.height, cam.width) != depth.shape:
             raise ValueError(f"camera_info: size {cam.width}x{cam.height} does not match image {depth.shape[1]}x{depth.shape[0]}")
-        T = np.asarray(T, dtype=np.float64)
-        if T.shape != (4, 4) or not np.isfinite(T).all():
-            raise ValueError("pose: expected a finite (4, 4) matrix")
+        T = validate_pose(T, "pose")
         depth = depth.astype(np.float32, copy=False)
         valid = np.isfinite(depth)
         if not valid.any():
@@ -156,7 +152,6 @@ class MappingPipeline:
             self._version += 1
             self._stats.purify_runs += 1
             self._stats.last_purify_ms = (time.perf_counter() - t0) * 1e3
-            self._stats.last_purified_voxels = int(getattr(stats, "updated", 0) or 0)
             return {"ms": self._stats.last_purify_ms, "voxels": len(self.voxel_map), "stats": stats}
 
     def set_purify_mode(self, mode: str) -> None:
