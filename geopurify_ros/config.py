@@ -126,3 +126,17 @@ def load_ros_params(path: str | Path, node_name: str = "geopurify_mapping") -> d
     if not params and "ros__parameters" in doc:
         params = dict(doc["ros__parameters"])
     return params
+
+
+def load_labels(path: str | Path, name: str = "labels") -> tuple[list[str], int]:
+    """(class names in label-id order, ignore label) from a labels file such as `config/labels.yaml`.
+
+    `name` is the parameter or flag the path came from; ValueError messages start with it."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{name}: {p} does not exist")
+    doc = yaml.safe_load(p.read_text()) or {}
+    classes = doc.get("classes") if isinstance(doc, dict) else None
+    if not isinstance(classes, list) or len(classes) < 2:
+        raise ValueError(f"{name}: {p} needs a 'classes' list with at least two names")
+    return [str(c) for c in classes], int(doc.get("ignore_label", 65535))

@@ -5,11 +5,9 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
+from ..config import SCANNET20, load_labels
+
 IGNORE_LABEL = 65535
-# Fallback when config/labels.yaml is not reachable (installed wheel): the ScanNet-20 order.
-SCANNET20 = ("wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf",
-             "picture", "counter", "desk", "curtain", "refrigerator", "shower curtain", "toilet", "sink",
-             "bathtub", "otherfurniture")
 _MAP_FILE = Path(__file__).with_name("class_map.tsv")
 _LABELS_YAML = Path(__file__).resolve().parents[2] / "config" / "labels.yaml"
 
@@ -17,17 +15,9 @@ _LABELS_YAML = Path(__file__).resolve().parents[2] / "config" / "labels.yaml"
 @lru_cache(maxsize=None)
 def class_names(labels_yaml: str | None = None) -> tuple[str, ...]:
     """Class names in label-id order (from ``config/labels.yaml`` when present)."""
-    path = Path(labels_yaml) if labels_yaml else _LABELS_YAML
-    if path.is_file():
-        import yaml
-
-        data = yaml.safe_load(path.read_text())
-        if not isinstance(data, dict) or not data.get("classes"):
-            raise ValueError(f"classes: missing in {path}")
-        return tuple(str(c) for c in data["classes"])
-    if labels_yaml:
-        raise ValueError(f"labels_yaml: file not found: {path}")
-    return SCANNET20
+    if labels_yaml or _LABELS_YAML.is_file():
+        return tuple(load_labels(labels_yaml or _LABELS_YAML, "labels_yaml")[0])
+    return tuple(SCANNET20)   # installed without the config/ directory
 
 
 @lru_cache(maxsize=None)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import config
 from . import EvalError
 
 MIN_OVERLAP = 0.05   # below this fraction of matched GT points the map and GT are almost surely misaligned
@@ -80,16 +81,10 @@ def _is_number(s: str) -> bool:
 
 
 def load_labels(path: str) -> tuple[list[str], int]:
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise EvalError(f"--labels: {p} does not exist")
-    doc = yaml.safe_load(p.read_text()) or {}
-    classes = doc.get("classes")
-    if not isinstance(classes, list) or len(classes) < 2:
-        raise EvalError(f"--labels: {p} needs a 'classes' list with at least two names")
-    return [str(c) for c in classes], int(doc.get("ignore_label", 65535))
+    try:
+        return config.load_labels(path, "--labels")
+    except ValueError as exc:
+        raise EvalError(str(exc)) from None
 
 
 def load_gt(path: str, class_names: list[str], ignore_label: int, all_points: bool = False) -> tuple[np.ndarray, np.ndarray]:
