@@ -103,27 +103,17 @@ class _Listener:
         """
         from rosgraph_msgs.msg import Clock
 
+        from geopurify_ros.node.msg_convert import sec_to_stamp
+
         step = self.now + DIAG_PERIOD_S * 1.1
         self.now = step if t is None else max(step, t)
-        msg = Clock()
-        msg.clock.sec = int(np.floor(self.now))
-        msg.clock.nanosec = min(999_999_999, int(round((self.now - np.floor(self.now)) * 1e9)))
-        self.clock.publish(msg)
+        self.clock.publish(Clock(clock=sec_to_stamp(self.now)))
         return self.now
 
     def publish_pose(self, t: float, T: np.ndarray, frame: str) -> None:
-        from geometry_msgs.msg import PoseStamped
+        from geopurify_ros.node.msg_convert import pose_stamped_msg, sec_to_stamp
 
-        from geopurify_ros.node.pose_source import matrix_to_quat
-
-        msg = PoseStamped()
-        msg.header.frame_id = frame
-        msg.header.stamp.sec = int(np.floor(t))
-        msg.header.stamp.nanosec = min(999_999_999, int(round((t - np.floor(t)) * 1e9)))
-        msg.pose.position.x, msg.pose.position.y, msg.pose.position.z = (float(v) for v in T[:3, 3])
-        q = matrix_to_quat(T[:3, :3])
-        msg.pose.orientation.x, msg.pose.orientation.y, msg.pose.orientation.z, msg.pose.orientation.w = (float(v) for v in q)
-        self.pose.publish(msg)
+        self.pose.publish(pose_stamped_msg(T, sec_to_stamp(t), frame))
 
 
 def _i(d: dict[str, str], key: str) -> int:
