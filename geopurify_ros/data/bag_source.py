@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from geopurify_ros.ros_time import stamp_to_sec
 
 
 class BagError(ValueError):
@@ -95,10 +96,6 @@ class Frame:
     labels: np.ndarray | None = None
     raw: dict[str, tuple[str, bytes]] = field(default_factory=dict)
     frame_id: str = ""
-
-
-def _stamp(header) -> float:
-    return float(header.stamp.sec) + float(header.stamp.nanosec) * 1e-9
 
 
 def resolve_bag(path) -> Path:
@@ -222,7 +219,7 @@ class BagSource:
                 T = pose_msg_to_matrix(pose)
                 if self.pose_kind == "odometry":
                     T = T @ T_base_cam
-                stamps.append(_stamp(msg.header))
+                stamps.append(stamp_to_sec(msg.header.stamp))
                 mats.append(T)
         order = np.argsort(stamps, kind="stable")
         last = -np.inf
@@ -258,7 +255,7 @@ class BagSource:
                 if topic == "/tf_static":
                     static[child] = (parent, T)
                 else:
-                    dynamic.setdefault(child, []).append((_stamp(tr.header), parent, T))
+                    dynamic.setdefault(child, []).append((stamp_to_sec(tr.header.stamp), parent, T))
         cam = t.camera_frame.lstrip("/") or self._first_color_frame()
         # Walk up from the camera to the map; all dynamic links in the chain are sampled at the stamps
         # of the first dynamic one (typical bags: one moving link, e.g. map->base or odom->base).
@@ -320,7 +317,7 @@ class BagSource:
                     raise BagError(f"bag {self.path}: bad CameraInfo on {topic}: {exc}") from None
                 continue
             msg = self._decode(raw, mtype, topic)
-            s = _stamp(msg.header)
+            s = stamp_to_sec(msg.header.stamp)
             other = t.depth if topic == t.color else t.color
             cands = pending[other]
             best = min(range(len(cands)), key=lambda j: abs(cands[j][0] - s), default=None)
@@ -388,7 +385,7 @@ class BagSource:
                     img = decode_labels(msg.data, msg.encoding, msg.height, msg.width, msg.step, bool(msg.is_bigendian))
                 except ValueError as exc:
                     raise BagError(f"bag {self.path}: label image on {topic}: {exc}") from None
-                out.append((_stamp(msg.header), img))
+                out.append((stamp_to_sec(msg.header.stamp), img))
         out.sort(key=lambda x: x[0])
         return np.array([s for s, _ in out]), [img for _, img in out]
 

@@ -103,7 +103,7 @@ class _Listener:
         """
         from rosgraph_msgs.msg import Clock
 
-        from geopurify_ros.node.msg_convert import sec_to_stamp
+        from geopurify_ros.ros_time import sec_to_stamp
 
         step = self.now + DIAG_PERIOD_S * 1.1
         self.now = step if t is None else max(step, t)

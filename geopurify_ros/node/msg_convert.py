@@ -13,6 +13,7 @@ import numpy as np
 
 from geopurify_ros import image_codec
 from geopurify_ros.camera import CameraModel
+from geopurify_ros.ros_time import sec_to_stamp, stamp_to_sec  # noqa: F401  (part of this module's API)
 
 COLOR_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8")
 DEPTH_ENCODINGS = ("16UC1", "32FC1")
@@ -32,17 +33,6 @@ class FrameRejected(ValueError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
-
-
-def stamp_to_sec(stamp: Any) -> float:
-    return float(stamp.sec) + float(stamp.nanosec) * 1e-9
-
-
-def sec_to_stamp(t: float, msg_cls: Any = None) -> Any:
-    if msg_cls is None:
-        from builtin_interfaces.msg import Time as msg_cls
-    sec = int(np.floor(t))
-    return msg_cls(sec=sec, nanosec=min(999_999_999, int(round((t - sec) * 1e9))))
 
 
 def _check_image_header(msg: Any, what: str) -> None:

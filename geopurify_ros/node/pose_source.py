@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from geopurify_ros.camera import matrix_to_pose, pose_to_matrix
+from geopurify_ros.ros_time import stamp_to_sec
 
 POSE_SOURCES = ("pose", "odometry", "tf")
 
@@ -82,10 +83,6 @@ def extrinsic_from_param(values: Sequence[float]) -> np.ndarray:
         return pose_matrix(v[:3], v[3:])
     except ValueError as exc:
         raise ValueError(f"base_to_camera: {exc}") from None
-
-
-def ros_time_to_sec(t: Any) -> float:
-    return float(t.sec) + float(t.nanosec) * 1e-9
 
 
 def pose_msg_to_matrix(pose: Any) -> np.ndarray:
@@ -198,7 +195,7 @@ class MessagePoseSource:
             raise PoseLookupError("pose_invalid", str(exc)) from None
         if self.kind == "odometry":
             T = T @ self.T_base_cam
-        return ros_time_to_sec(msg.header.stamp), T
+        return stamp_to_sec(msg.header.stamp), T
 
     def on_message(self, msg: Any) -> None:
         stamp, T = self.message_to_pose(msg)
