@@ -20,6 +20,7 @@ setup(
             "geopurify-mapping = geopurify_ros.node.mapping_node:main",
             "geopurify-make-demo = geopurify_ros.data.make_demo:main",
             "geopurify-train = geopurify_ros.purify.train:main",
+            "geopurify-train-features = geopurify_ros.features.train_lseg:main",
             "geopurify-eval = geopurify_ros.eval.cli:main",
         ]
     },

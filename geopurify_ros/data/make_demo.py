@@ -25,12 +25,14 @@ import numpy as np
 
 from . import bag_io
 from ..cache import cache_dir
+from .catalog import SPLITS, default_split
 from .classes import IGNORE_LABEL
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3   # 3: held-out catalogue models for evaluation seeds, scene/trajectory options
 SIZES = {
     "tiny": dict(preset="tiny", width=160, height=120, frames=12, gt_points=40_000),
     "demo": dict(preset="demo", width=320, height=240, frames=90, gt_points=250_000),
+    "train": dict(preset="train", width=320, height=240, frames=16, gt_points=50_000),   # feature training rooms
 }
 T0_NS = 1_700_000_000 * 1_000_000_000  # fixed first stamp → deterministic bags
 FRAME_DT_NS = 100_000_000              # 10 Hz
@@ -75,29 +77,63 @@ def observed_mask(xyz, cam, poses, depths, tol=0.02) -> np.ndarray:
     return seen
 
 
-def render_sequence(size: str = "tiny", seed: int = 0, noise: bool = True, n_frames: int | None = None):
-    """Render everything in memory. Returns (scene, cam, frames: list of dicts, poses_true, poses_pub)."""
+def scene_spec(size: str, options: dict | None = None):
+    """The SceneSpec of ``size``'s preset with ``options`` (room, items, chairs, clutter, randomize) applied."""
+    import dataclasses
+
+    from .scene import PRESETS
+
+    o = {k: v for k, v in (options or {}).items() if v is not None}
+    spec = PRESETS[SIZES[size]["preset"]]
+    changes = {k: o[k] for k in ("chairs", "clutter", "randomize") if k in o}
+    if "room" in o:
+        w0, w1, d0, d1 = (float(x) for x in o["room"])
+        if not (0 < w0 <= w1 and 0 < d0 <= d1):
+            raise ValueError(f"room: expected 0 < wmin <= wmax and 0 < dmin <= dmax, got {o['room']}")
+        changes["room"] = ((w0, w1), (d0, d1))
+    if "items" in o:
+        from .catalog import ROLES
+        bad = [r for r in o["items"] if r not in ROLES]
+        if bad:
+            raise ValueError(f"items: unknown roles {bad} (expected some of {sorted(ROLES)})")
+        changes["wall_roles"] = tuple(o["items"])
+    return dataclasses.replace(spec, **changes)
+
+
+def render_sequence(size: str = "tiny", seed: int = 0, noise: bool = True, n_frames: int | None = None,
+                    options: dict | None = None):
+    """Render everything in memory. Returns (scene, cam, frames: list of dicts, poses_true, poses_pub).
+
+    ``options`` (all optional): models ('heldout' | 'train' | 'all'), room (wmin, wmax, dmin, dmax), items (wall
+    roles), chairs, clutter, randomize (materials, lighting, camera effects), trajectory ('loop' | 'lawnmower' |
+    'handheld'), height (min, max camera height in m). See ``geopurify-make-demo --help``."""
     # heavy imports (torch, trimesh) only when rendering: a cached CLI run stays quick
-    from .noise import drifting_poses, noisy_depth
-    from .render import render
+    from .noise import camera_effects, drifting_poses, noisy_depth
+    from .render import DEFAULT_LIGHTING, Lighting, render
     from .scene import build_scene
-    from .trajectory import room_loop
+    from .trajectory import make_trajectory
 
     if size not in SIZES:
         raise ValueError(f"size: expected one of {sorted(SIZES)}, got {size!r}")
     cfg = SIZES[size]
-    scene = build_scene(seed, cfg["preset"])
+    o = dict(options or {})
+    spec = scene_spec(size, o)
+    scene = build_scene(seed, spec, models=o.get("models"))
     cam = camera_for(cfg["width"], cfg["height"])
-    poses = room_loop(scene.width, scene.depth, n_frames or cfg["frames"], seed=seed)
+    poses = make_trajectory(o.get("trajectory") or "loop", scene.width, scene.depth, n_frames or cfg["frames"],
+                            seed=seed, height=tuple(o.get("height") or (1.3, 1.6)))
     rng_noise = np.random.default_rng([seed, 101])
+    rng_dr = np.random.default_rng([seed, 404])
+    lighting = Lighting.random(rng_dr) if spec.randomize else DEFAULT_LIGHTING
     poses_pub = drifting_poses(poses, np.random.default_rng([seed, 202])) if noise else [T.copy() for T in poses]
     inst_label = scene.instance_labels()
     frames = []
     for k, T in enumerate(poses):
-        r = render(scene.soup, cam, T)
+        r = render(scene.soup, cam, T, lighting=lighting)
+        rgb = camera_effects(r.rgb, rng_dr) if spec.randomize else r.rgb
         labels = np.where(r.instance >= 0, inst_label[np.maximum(r.instance, 0)], IGNORE_LABEL).astype(np.uint16)
         depth = noisy_depth(r.depth, r.normal_cam, cam, rng_noise) if noise else r.depth
-        frames.append(dict(stamp_ns=T0_NS + k * FRAME_DT_NS, rgb=r.rgb, depth=depth, depth_true=r.depth,
+        frames.append(dict(stamp_ns=T0_NS + k * FRAME_DT_NS, rgb=rgb, depth=depth, depth_true=r.depth,
                            labels=labels, instance=r.instance.astype(np.int32), face=r.face))
     return scene, cam, frames, poses, poses_pub
 
@@ -120,7 +156,7 @@ def write_bag(path: Path, storage: str, cam, frames, poses_pub) -> None:
             w.write(bag_io.TF_TOPIC, t, bag_io.tf_msg(t, T))
 
 
-def _is_current(out: Path, size: str, seed: int, noise: bool) -> dict | None:
+def _is_current(out: Path, size: str, seed: int, noise: bool, options: dict) -> dict | None:
     meta_path = out / "meta.json"
     if not meta_path.is_file():
         return None
@@ -129,7 +165,7 @@ def _is_current(out: Path, size: str, seed: int, noise: bool) -> dict | None:
     except (OSError, json.JSONDecodeError):
         return None
     same = (meta.get("seed") == seed and meta.get("size") == size and meta.get("noise") == noise
-            and meta.get("generator_version") == GENERATOR_VERSION)
+            and meta.get("generator_version") == GENERATOR_VERSION and meta.get("options", {}) == options)
     files = [out / "bag_mcap" / "metadata.yaml", out / "bag_sqlite3" / "metadata.yaml", out / "ground_truth.npz"]
     return meta if same and all(f.exists() for f in files) else None
 
@@ -152,13 +188,14 @@ def save_previews(out: Path, frame: dict, class_names) -> None:
 
 
 def generate(out, size: str = "tiny", seed: int = 0, force: bool = False, noise: bool = True,
-             previews: bool = False, log=print) -> dict:
-    """Generate (or reuse) the dataset in ``out``; returns its meta dict."""
+             previews: bool = False, log=print, options: dict | None = None) -> dict:
+    """Generate (or reuse) the dataset in ``out``; returns its meta dict. ``options``: see `render_sequence`."""
+    options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in (options or {}).items() if v is not None}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent test sessions share one cache dir
-        if not force and (meta := _is_current(out, size, seed, noise)):
+        if not force and (meta := _is_current(out, size, seed, noise, options)):
             log(f"{out}: up to date (size={size} seed={seed}); use --force to regenerate")
             return meta
         t_start = time.perf_counter()
@@ -168,7 +205,7 @@ def generate(out, size: str = "tiny", seed: int = 0, force: bool = False, noise:
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
-        scene, cam, frames, poses, poses_pub = render_sequence(size, seed, noise)
+        scene, cam, frames, poses, poses_pub = render_sequence(size, seed, noise, options=options)
         t_render = time.perf_counter() - t_start
         for storage in bag_io.STORAGES:
             write_bag(out / f"bag_{storage}", storage, cam, frames, poses_pub)
@@ -188,7 +225,8 @@ def generate(out, size: str = "tiny", seed: int = 0, force: bool = False, noise:
         libs = sorted({(i.library, i.license) for i in scene.instances if i.library})
         meta = {
             "generator": "geopurify_ros.data.make_demo", "generator_version": GENERATOR_VERSION,
-            "seed": seed, "size": size, "noise": noise,
+            "seed": seed, "size": size, "noise": noise, "options": options,
+            "models": options.get("models") or default_split(seed),
             "width": cam.width, "height": cam.height, "frames": len(frames),
             "intrinsics": {"fx": cam.fx, "fy": cam.fy, "cx": cam.cx, "cy": cam.cy, "distortion_model": "plumb_bob",
                            "d": [0.0] * 5},
@@ -215,6 +253,15 @@ def generate(out, size: str = "tiny", seed: int = 0, force: bool = False, noise:
         return meta
 
 
+def _floats(n: int):
+    def parse(text: str) -> list[float]:
+        vals = [float(x) for x in text.split(",")]
+        if len(vals) != n:
+            raise argparse.ArgumentTypeError(f"expected {n} comma-separated numbers, got {text!r}")
+        return vals
+    return parse
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="geopurify-make-demo", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -224,12 +271,31 @@ def main(argv=None) -> int:
     ap.add_argument("--force", action="store_true", help="regenerate even if the output is up to date")
     ap.add_argument("--no-noise", action="store_true", help="publish noise-free depth and exact poses")
     ap.add_argument("--previews", action="store_true", help="also write preview_{color,depth,labels}.png")
+    g = ap.add_argument_group("scene and camera (default: the size's preset)")
+    g.add_argument("--models", choices=SPLITS, default=None,
+                   help="catalogue models to build from (default by seed: < 1000 held-out models, the evaluation "
+                        "protocol; >= 1000 training models)")
+    g.add_argument("--room", type=_floats(4), default=None, metavar="WMIN,WMAX,DMIN,DMAX",
+                   help="room width and depth ranges in metres")
+    g.add_argument("--items", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], default=None,
+                   metavar="ROLE,...", help="furniture placed against the walls, in order (roles: bed, sofa, cabinet, "
+                   "bookshelf, desk, nightstand, table, chair, clutter, ...)")
+    g.add_argument("--chairs", type=int, default=None, help="chairs around the central table")
+    g.add_argument("--clutter", type=int, default=None, help="lamps, plants, books, ... (no ground-truth class)")
+    g.add_argument("--randomize", action="store_true", default=None,
+                   help="domain randomisation: wall/floor materials, texture tints, lighting, exposure, white "
+                        "balance, blur, sensor noise")
+    g.add_argument("--trajectory", choices=("loop", "lawnmower", "handheld"), default=None,
+                   help="camera path: loop (default), lawnmower rows, or a loop with hand-held shake")
+    g.add_argument("--height", type=_floats(2), default=None, metavar="MIN,MAX", help="camera height range [m]")
     a = ap.parse_args(argv)
     out = a.out
     if out is None:
         out = cache_dir(f"demo_{a.size}_{a.seed}")
     try:
-        generate(out, a.size, a.seed, force=a.force, noise=not a.no_noise, previews=a.previews)
+        generate(out, a.size, a.seed, force=a.force, noise=not a.no_noise, previews=a.previews,
+                 options=dict(models=a.models, room=a.room, items=a.items, chairs=a.chairs, clutter=a.clutter,
+                              randomize=a.randomize, trajectory=a.trajectory, height=a.height))
     except ValueError as exc:
         print(f"geopurify-make-demo: error: {exc}", file=sys.stderr)
         return 2

@@ -67,3 +67,17 @@ def drifting_poses(poses_true: list, rng: np.random.Generator, trans_step: float
             D = step @ D
         out.append(D @ np.asarray(T, np.float64))
     return out
+
+
+def camera_effects(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Domain randomisation of a rendered colour frame: exposure / contrast / white balance jitter,
+    optional Gaussian blur (defocus, motion) and sensor noise. uint8 (H, W, 3) → uint8 (H, W, 3)."""
+    x = rgb.astype(np.float32)
+    mean = x.mean()
+    x = (x - mean) * rng.uniform(0.75, 1.25) + mean * rng.uniform(0.75, 1.25)      # contrast, exposure
+    x *= rng.uniform(0.9, 1.1, 3)[None, None]                                        # white balance
+    if rng.random() < 0.4:
+        from scipy.ndimage import gaussian_filter
+        x = gaussian_filter(x, sigma=(rng.uniform(0.4, 1.4),) * 2 + (0,))
+    x += rng.normal(0, rng.uniform(0, 6), x.shape)                                  # read noise
+    return np.clip(np.round(x), 0, 255).astype(np.uint8)

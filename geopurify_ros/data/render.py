@@ -13,12 +13,29 @@ import dataclasses
 import numpy as np
 import torch
 
-# Directional light (world, z up) + ambient + a weak headlight so no surface is pitch black.
-LIGHT_DIR = np.array([0.35, -0.45, 0.82]) / np.linalg.norm([0.35, -0.45, 0.82])
-AMBIENT, DIFFUSE, HEADLIGHT = 0.38, 0.42, 0.25
 _MAX_CANDIDATES = 3_000_000  # candidate pixels per chunk (bounds memory)
 
 
+@dataclasses.dataclass(frozen=True)
+class Lighting:
+    """Directional light (world, z up) + ambient + a weak headlight so no surface is pitch black."""
+
+    direction: tuple = (0.35, -0.45, 0.82)
+    ambient: float = 0.38
+    diffuse: float = 0.42
+    headlight: float = 0.25
+    tint: tuple = (1.0, 1.0, 1.0)       # light colour (per-channel gain)
+
+    @classmethod
+    def random(cls, rng: np.random.Generator) -> "Lighting":
+        """Domain randomisation: light from any upper direction, brighter or dimmer, warm or cool."""
+        d = rng.normal(size=3)
+        d[2] = abs(d[2]) + 0.3
+        return cls(tuple(d / np.linalg.norm(d)), float(rng.uniform(0.2, 0.55)), float(rng.uniform(0.2, 0.6)),
+                   float(rng.uniform(0.1, 0.35)), tuple(rng.uniform(0.85, 1.15, 3)))
+
+
+DEFAULT_LIGHTING = Lighting()
 @dataclasses.dataclass
 class TriangleSoup:
     """Flat scene geometry: one row per triangle."""
@@ -218,7 +235,8 @@ def _rasterise(soup, cam, T_world_cam, near, far):
     return face.reshape(H, W), bary.reshape(H, W, 3), depth.reshape(H, W)
 
 
-def shade(soup: TriangleSoup, face: np.ndarray, bary: np.ndarray, T_world_cam: np.ndarray):
+def shade(soup: TriangleSoup, face: np.ndarray, bary: np.ndarray, T_world_cam: np.ndarray,
+          lighting: Lighting = DEFAULT_LIGHTING):
     """Lambert + ambient + headlight on textured/diffuse albedo. Returns (rgb uint8, normal_cam)."""
     H, W = face.shape
     rgb = np.zeros((H, W, 3), np.uint8)
@@ -245,15 +263,19 @@ def shade(soup: TriangleSoup, face: np.ndarray, bary: np.ndarray, T_world_cam: n
     view /= np.maximum(np.linalg.norm(view, axis=1, keepdims=True), 1e-12)
     n = soup.normal[f]
     n = np.where((np.sum(n * view, 1) < 0)[:, None], -n, n)  # two-sided: face the camera
-    light = AMBIENT + DIFFUSE * np.clip(n @ LIGHT_DIR, 0, None) + HEADLIGHT * np.abs(np.sum(n * view, 1))
-    rgb[hit] = np.clip(np.round(albedo * light[:, None] * 255.0), 0, 255).astype(np.uint8)
+    L = lighting
+    light_dir = np.asarray(L.direction, np.float64) / np.linalg.norm(L.direction)
+    light = L.ambient + L.diffuse * np.clip(n @ light_dir, 0, None) + L.headlight * np.abs(np.sum(n * view, 1))
+    light = light[:, None] * np.asarray(L.tint, np.float64)[None]
+    rgb[hit] = np.clip(np.round(albedo * light * 255.0), 0, 255).astype(np.uint8)
     ncam[hit] = (n @ T[:3, :3]).astype(np.float32)
     return rgb, ncam
 
 
-def render(soup: TriangleSoup, cam, T_world_cam: np.ndarray, near: float = 0.05, far: float = 30.0) -> RenderResult:
+def render(soup: TriangleSoup, cam, T_world_cam: np.ndarray, near: float = 0.05, far: float = 30.0,
+           lighting: Lighting = DEFAULT_LIGHTING) -> RenderResult:
     """Render colour, depth, triangle and instance ids for one camera pose (``T_world_cam`` optical frame)."""
     face, bary, depth = rasterise(soup, cam, T_world_cam, near, far)
-    rgb, ncam = shade(soup, face, bary, T_world_cam)
+    rgb, ncam = shade(soup, face, bary, T_world_cam, lighting)
     inst = np.where(face >= 0, soup.instance[np.maximum(face, 0)], -1)
     return RenderResult(rgb, depth.astype(np.float32), face, inst, bary, ncam)

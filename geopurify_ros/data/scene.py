@@ -10,31 +10,33 @@ import dataclasses
 
 import numpy as np
 
-from .classes import IGNORE_LABEL, class_id, class_names, class_of_item
-from .furniture import CatalogItem, MeshPart, find_item, load_item_parts
+from .catalog import ROLES, default_split, pool
+from .classes import IGNORE_LABEL, class_id, class_names
+from .furniture import CatalogItem, MeshPart, load_item_parts
 from .render import TriangleSoup
 
-# Candidate catalog ids per placement role (all verified to load; sizes are the catalog's).
-POOLS = {
-    "door": ["Scopia#door", "Scopia#puerta", "Kator Legaz#exterior-door-01"],
-    "window": ["Scopia#window_2x1_medium_with_large_pane", "Kator Legaz#window-08", "Scopia#turn-window"],
-    "curtain": ["Scopia#curtain"],
-    "bed": ["Scopia#bed1", "Blend Swap CC-0#bedWithTexture", "Blend Swap CC-0#bed2"],
-    "sofa": ["Blend Swap CC-0#couch", "Blend Swap CC-0#sofa2", "Scopia#simple_sofa", "Blend Swap CC-BY#sofa2"],
-    "bookshelf": ["Blend Swap CC-0#bookcase", "Kator Legaz#full-bookcase", "Blend Swap CC-BY#bookcase"],
-    "cabinet": ["Blend Swap CC-BY#wardrobe", "Blend Swap CC-0#cupboard", "Blend Swap CC-0#televisionCabinet"],
-    "desk": ["Blend Swap CC-0#desk", "Blend Swap CC-BY#biurko3"],
-    "nightstand": ["Blend Swap CC-0#bedsideTable2", "Blend Swap CC-BY#bedsideTable"],
-    "table": ["Blend Swap CC-0#oakTable", "Blend Swap CC-BY#cafe_set_tonon_table", "Blend Swap CC-BY#coffeeTable"],
-    "chair": ["Scopia#chair3", "Blend Swap CC-0#chair", "Blend Swap CC-0#sillaBlanca", "Kator Legaz#dining-chair"],
-}
-# Wall-backed roles placed per preset, in order (larger first so they find room).
+@dataclasses.dataclass(frozen=True)
+class SceneSpec:
+    """What a room holds. Roles are `catalog.ROLES`; models come from the split chosen by `build_scene`."""
+
+    room: tuple = ((5.2, 6.0), (4.4, 5.0))      # (width range, depth range) in metres
+    wall_roles: tuple = ("bed", "sofa", "cabinet", "bookshelf", "desk", "nightstand")  # placed in order
+    chairs: int = 3                             # around the central table
+    curtain: bool = True
+    clutter: int = 0                            # lamps, plants, books, ... (no ground-truth class)
+    randomize: bool = False                     # domain randomisation: wall/floor colours, texture swaps
+    posters: tuple = ("astronaut", "coffee", "chelsea", "rocket")   # scikit-image pictures on the wall
+
+
 PRESETS = {
-    "tiny": dict(room=((4.2, 4.8), (3.6, 4.0)), wall_roles=["sofa", "bookshelf"], chairs=2, curtain=False),
-    "demo": dict(room=((5.2, 6.0), (4.4, 5.0)),
-                 wall_roles=["bed", "sofa", "cabinet", "bookshelf", "desk", "nightstand"], chairs=3, curtain=True),
+    "tiny": SceneSpec(room=((4.2, 4.8), (3.6, 4.0)), wall_roles=("sofa", "bookshelf"), chairs=2, curtain=False),
+    "demo": SceneSpec(),
+    # training rooms: sizes, contents and materials vary; pictures other than the evaluation ones
+    "train": SceneSpec(room=((3.6, 7.0), (3.2, 6.0)), wall_roles=("bed", "sofa", "cabinet", "bookshelf", "desk",
+                       "nightstand", "sofa", "cabinet"), chairs=4, clutter=6, randomize=True,
+                       posters=("camera", "horse", "moon", "page", "hubble_deep_field", "immunohistochemistry",
+                                "retina", "brick", "grass", "gravel", "cell", "logo")),
 }
-POSTER_IMAGES = ("astronaut", "coffee", "chelsea", "rocket")
 ROOM_HEIGHT = 2.6
 WALL_CLEARANCE = 0.03  # gap between furniture backs and walls (m)
 
@@ -97,6 +99,28 @@ def _noise_texture(rng, base, size=64, amp=10.0) -> np.ndarray:
     return np.clip(np.asarray(base, np.float64) + n, 0, 255).astype(np.uint8)
 
 
+def _tinted(part: MeshPart, rng: np.random.Generator) -> MeshPart:
+    """Texture swap for domain randomisation: a random per-channel tint of the part's colour and texture."""
+    gain = rng.uniform(0.6, 1.4, 3)
+    tint = lambda a: np.clip(a.astype(np.float64) * gain, 0, 255).astype(np.uint8)  # noqa: E731
+    return dataclasses.replace(part, color=tint(part.color),
+                               texture=None if part.texture is None else tint(part.texture))
+
+
+def _floor_texture(rng, randomize: bool) -> np.ndarray:
+    """Wood planks; with ``randomize`` also tiles or carpet in random tones."""
+    kind = int(rng.integers(3)) if randomize else 0
+    if kind == 0:
+        return _wood_texture(rng)
+    base = rng.integers(60, 230, 3)
+    if kind == 1:                   # tiles: grout lines every 1/4 of the texture
+        img = _noise_texture(rng, base, size=128, amp=6).astype(np.float64)
+        img[::32] *= 0.6
+        img[:, ::32] *= 0.6
+        return img.astype(np.uint8)
+    return _noise_texture(rng, base, size=64, amp=18)      # carpet
+
+
 def _wood_texture(rng, size=128) -> np.ndarray:
     """Planks: alternating board tones with grain streaks (tiled, 1 texture per 1.2 m)."""
     base = np.array([150, 105, 65], np.float64) * rng.uniform(0.85, 1.1)
@@ -125,8 +149,9 @@ def _poster_parts(image: np.ndarray, w: float, h: float, thickness=0.025) -> lis
 
 
 class _Builder:
-    def __init__(self, names):
+    def __init__(self, names, randomize_rng: np.random.Generator | None = None):
         self.names = names
+        self.rng = randomize_rng        # set: items get random material tints (domain randomisation)
         self.instances: list[Instance] = []
         self.parts: list[tuple[int, MeshPart]] = []
 
@@ -138,9 +163,11 @@ class _Builder:
             self.parts.append((inst.id, p.transformed(T) if T is not None else p))
         return inst
 
-    def add_item(self, item: CatalogItem, yaw, xyz, cls=None, parts=None):
-        cls = cls or class_of_item(item.name, item.tags)
-        return self.add(item.name, cls, parts if parts is not None else load_item_parts(item), _pose(yaw, xyz),
+    def add_item(self, item: CatalogItem, role: str, yaw, xyz, parts):
+        """Place ``item`` playing ``role`` (its ground-truth class is the role's)."""
+        if self.rng is not None and self.rng.random() < 0.5:
+            parts = [_tinted(p, self.rng) for p in parts]
+        return self.add(item.name, ROLES[role].class_name, parts, _pose(yaw, xyz),
                         catalog_id=item.id, library=item.library, license=item.license, creator=item.creator,
                         position=tuple(xyz), yaw=yaw, size=(item.width, item.depth, item.height))
 
@@ -184,22 +211,43 @@ def _overlaps(a, b, margin=0.05) -> bool:
     return not (a[2] + margin <= b[0] or b[2] + margin <= a[0] or a[3] + margin <= b[1] or b[3] + margin <= a[1])
 
 
-def build_scene(seed: int = 0, preset: str = "tiny", library_dir: str | None = None) -> Scene:
-    """Build the seeded room for ``preset`` ('tiny' | 'demo')."""
-    if preset not in PRESETS:
+def build_scene(seed: int = 0, preset: str | SceneSpec = "tiny", library_dir: str | None = None,
+                models: str | None = None) -> Scene:
+    """Build the seeded room for ``preset`` ('tiny' | 'demo' | 'train' or a SceneSpec).
+
+    ``models``: which catalogue models may appear ('heldout' | 'train' | 'all'); default by seed
+    (`catalog.default_split`): evaluation seeds get held-out models, training seeds training models.
+    """
+    if isinstance(preset, SceneSpec):
+        cfg = preset
+    elif preset in PRESETS:
+        cfg = PRESETS[preset]
+    else:
         raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
-    cfg = PRESETS[preset]
+    split = models or default_split(seed)
     rng = np.random.default_rng(seed)
     names = class_names()
-    W = float(round(rng.uniform(*cfg["room"][0]), 2))
-    D = float(round(rng.uniform(*cfg["room"][1]), 2))
+    W = float(round(rng.uniform(*cfg.room[0]), 2))
+    D = float(round(rng.uniform(*cfg.room[1]), 2))
     H = ROOM_HEIGHT
-    b = _Builder(names)
-    pick = lambda role: find_item(POOLS[role][int(rng.integers(len(POOLS[role])))], library_dir)  # noqa: E731
+    b = _Builder(names, rng if cfg.randomize else None)
+
+    def pick(role: str) -> tuple[CatalogItem, list]:
+        """A random model for ``role`` from the split, with its parts (models that fail to load are skipped)."""
+        items = list(pool(role, split, library_dir))
+        for _ in range(8):
+            item = items[int(rng.integers(len(items)))]
+            try:
+                return item, load_item_parts(item)
+            except Exception:                       # a broken model in a user's library: try another
+                continue
+        raise ValueError(f"no loadable '{split}' model for role '{role}'")
 
     # --- shell: floor (wood), 4 walls (painted plaster), ceiling (no GT class)
-    wall_rgb = rng.choice(np.array([[222, 214, 196], [200, 214, 222], [226, 208, 200], [214, 222, 200]]))
-    b.add("floor", "floor", [_quad((0, 0, 0), (W, 0, 0), (0, D, 0), (150, 110, 70), _wood_texture(rng), (W / 1.2, D / 1.2))])
+    wall_choices = np.array([[222, 214, 196], [200, 214, 222], [226, 208, 200], [214, 222, 200]])
+    wall_rgb = rng.choice(wall_choices) if not cfg.randomize else rng.integers(90, 250, 3)
+    b.add("floor", "floor", [_quad((0, 0, 0), (W, 0, 0), (0, D, 0), (150, 110, 70), _floor_texture(rng, cfg.randomize),
+                                   (W / 1.2, D / 1.2))])
     for k in range(4):
         yaw, o, e, n, L = _wall_frame(k, W, D)
         p0 = np.array([o[0], o[1], 0.0])
@@ -217,33 +265,33 @@ def build_scene(seed: int = 0, preset: str = "tiny", library_dir: str | None = N
 
     # --- door (floor standing, half embedded in the wall) and window on two different walls
     walls = rng.permutation(4)
-    door = pick("door")
+    door, door_parts = pick("door")
     k = int(walls[0]); L = _wall_frame(k, W, D)[4]
     a = float(rng.uniform(0.3 + door.width / 2, L - 0.3 - door.width / 2))
     yaw, xy = wall_point(k, a, 0.0)
-    b.add_item(door, yaw, (xy[0], xy[1], 0.0))
+    b.add_item(door, "door", yaw, (xy[0], xy[1], 0.0), door_parts)
     wall_spans[k].append((a - door.width / 2, a + door.width / 2, 0.0, 2.2))
     _, cxy = wall_point(k, a, 0.5)
     footprints.append(_footprint(cxy[0], cxy[1], door.width + 0.2, 1.0, _wall_frame(k, W, D)[0]))
 
-    win = pick("window")
+    win, win_parts = pick("window")
     kw = int(walls[1]); L = _wall_frame(kw, W, D)[4]
     a = float(rng.uniform(0.4 + win.width / 2, L - 0.4 - win.width / 2))
     sill = float(min(0.9, H - 0.25 - win.height))
     yaw, xy = wall_point(kw, a, 0.0)
-    b.add_item(win, yaw, (xy[0], xy[1], sill))
+    b.add_item(win, "window", yaw, (xy[0], xy[1], sill), win_parts)
     wall_spans[kw].append((a - win.width / 2, a + win.width / 2, sill, sill + win.height))
-    if cfg["curtain"]:
-        cur = pick("curtain")
+    if cfg.curtain:
+        cur, cur_parts = pick("curtain")
         side = 1 if a + win.width / 2 + cur.width * 0.4 < L - 0.1 else -1
         ac = a + side * (win.width / 2 + cur.width * 0.3)
         yaw, xy = wall_point(kw, ac, WALL_CLEARANCE + cur.depth / 2 + 0.09)
-        b.add_item(cur, yaw, (xy[0], xy[1], 0.02))
+        b.add_item(cur, "curtain", yaw, (xy[0], xy[1], 0.02), cur_parts)
         wall_spans[kw].append((ac - cur.width / 2, ac + cur.width / 2, 0.0, H))
         footprints.append(_footprint(xy[0], xy[1], cur.width, cur.depth + 0.15, yaw))
 
     # --- furniture backed against walls
-    def place_on_wall(item, extra_parts=None) -> bool:
+    def place_on_wall(role: str, item: CatalogItem, parts: list) -> bool:
         for _ in range(60):
             k = int(rng.integers(4))
             yaw, o, e, n, L = _wall_frame(k, W, D)
@@ -259,18 +307,23 @@ def build_scene(seed: int = 0, preset: str = "tiny", library_dir: str | None = N
                 continue
             footprints.append(fp)
             wall_spans[k].append((a - item.width / 2, a + item.width / 2, 0.0, item.height))
-            b.add_item(item, yaw, (xy[0], xy[1], 0.0))
+            b.add_item(item, role, yaw, (xy[0], xy[1], 0.0), parts)
             return True
         return False
 
-    for role in cfg["wall_roles"]:
-        place_on_wall(pick(role))
+    for role in cfg.wall_roles:
+        place_on_wall(role, *pick(role))
 
     # --- picture on a free stretch of wall, centred ~1.5 m high (thin and nearly co-planar with the wall)
     from skimage import data as skdata
 
-    img_name = POSTER_IMAGES[int(rng.integers(len(POSTER_IMAGES)))]
+    img_name = cfg.posters[int(rng.integers(len(cfg.posters)))]
     img = getattr(skdata, img_name)()
+    if img.dtype == bool:
+        img = img.astype(np.uint8) * 255
+    if img.ndim == 2:                                   # greyscale pictures (training set) → RGB
+        img = np.repeat(img[..., None], 3, axis=2)
+    img = np.ascontiguousarray(img[..., :3])
     pw = float(round(rng.uniform(0.8, 1.1), 2))
     ph = float(round(pw * img.shape[0] / img.shape[1], 3))
     for _ in range(60):
@@ -289,22 +342,21 @@ def build_scene(seed: int = 0, preset: str = "tiny", library_dir: str | None = N
         break
 
     # --- central table with chairs facing it
-    table = pick("table")
-    chair = pick("chair")
-    chair_parts = load_item_parts(chair)
+    table, table_parts = pick("table")
+    chair, chair_parts = pick("chair")
     for _ in range(60):
         cx = float(W / 2 + rng.uniform(-0.4, 0.4)); cy = float(D / 2 + rng.uniform(-0.3, 0.3))
         tfp = _footprint(cx, cy, table.width, table.depth, 0.0)
         if not any(_overlaps(tfp, f) for f in footprints):
             break
     footprints.append(tfp)
-    b.add_item(table, 0.0, (cx, cy, 0.0))
+    b.add_item(table, "table", 0.0, (cx, cy, 0.0), table_parts)
     # sides: (offset direction, chair yaw making its front face the table)
     sides = [((0, 1), 0.0), ((0, -1), np.pi), ((1, 0), -np.pi / 2), ((-1, 0), np.pi / 2)]
     order = rng.permutation(4)
     placed = 0
     for s in order:
-        if placed >= cfg["chairs"]:
+        if placed >= cfg.chairs:
             break
         (dx, dy), yaw = sides[s]
         half = table.depth / 2 if dy else table.width / 2
@@ -313,7 +365,17 @@ def build_scene(seed: int = 0, preset: str = "tiny", library_dir: str | None = N
         fp = _footprint(px, py, chair.width, chair.depth, yaw)
         if any(_overlaps(fp, f, 0.02) for f in footprints[:-1]) or not (0.1 < fp[0] and fp[2] < W - 0.1 and 0.1 < fp[1] and fp[3] < D - 0.1):
             continue
-        b.add_item(chair, float(yaw), (px, py, 0.0), parts=[dataclasses.replace(p) for p in chair_parts])
+        b.add_item(chair, "chair", float(yaw), (px, py, 0.0), [dataclasses.replace(p) for p in chair_parts])
         placed += 1
+
+    # --- clutter (no ground truth): small items on the table top, larger ones against the walls
+    for _ in range(cfg.clutter):
+        item, parts = pick("clutter")
+        if item.height < 0.6 and max(item.width, item.depth) < 0.6 * min(table.width, table.depth):
+            ox = rng.uniform(-0.5, 0.5) * (table.width - item.width)
+            oy = rng.uniform(-0.5, 0.5) * (table.depth - item.depth)
+            b.add_item(item, "clutter", float(rng.uniform(0, 2 * np.pi)), (cx + ox, cy + oy, table.height), parts)
+        else:
+            place_on_wall("clutter", item, parts)
 
     return Scene(W, D, H, b.instances, b.soup(), names)

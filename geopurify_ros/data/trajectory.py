@@ -43,3 +43,59 @@ def room_loop(width: float, depth: float, n_frames: int, seed: int = 0, margin: 
         target = np.array([c[0] + 0.8 * (width / 2) * np.cos(tt), c[1] + 0.8 * (depth / 2) * np.sin(tt), 0.85])
         poses.append(look_at(eye, target))
     return poses
+
+
+def lawnmower(width: float, depth: float, n_frames: int, seed: int = 0, margin: float = 0.8,
+              height=(1.2, 1.7), rows: int = 3) -> list[np.ndarray]:
+    """Back-and-forth rows across the room (a mapping robot's coverage pattern), looking ahead and to the
+    sides in turn, at a camera height drawn from ``height``."""
+    if n_frames < 2:
+        raise ValueError(f"n_frames: need >= 2, got {n_frames}")
+    rng = np.random.default_rng(seed + 104729)
+    xs = np.linspace(margin, max(width - margin, margin + 0.1), max(2, n_frames // rows))
+    ys = np.linspace(margin, max(depth - margin, margin + 0.1), rows)
+    path = [(x, y) for r, y in enumerate(ys) for x in (xs if r % 2 == 0 else xs[::-1])]
+    z = rng.uniform(*height)
+    poses = []
+    for k in range(n_frames):
+        x, y = path[int(k * len(path) / n_frames)]
+        # heading sweeps ±100° around the row direction so walls on both sides are seen
+        heading = np.arctan2(0.0, 1.0 if (int(k * rows / n_frames) % 2 == 0) else -1.0)
+        yaw = heading + np.deg2rad(100) * np.sin(2 * np.pi * k / max(n_frames / rows, 1))
+        target = np.array([x + 2.0 * np.cos(yaw), y + 2.0 * np.sin(yaw), z - rng.uniform(0.4, 1.0)])
+        poses.append(look_at((x, y, z), target))
+    return poses
+
+
+def handheld_jitter(poses: list[np.ndarray], seed: int = 0, trans_m: float = 0.02,
+                    rot_deg: float = 2.0) -> list[np.ndarray]:
+    """A hand-held camera: smooth random shake (low-pass random walk) applied in the camera frame."""
+    from .noise import _rotvec_to_matrix
+
+    rng = np.random.default_rng(seed + 15485863)
+    n = len(poses)
+    kernel = np.hanning(7)
+    kernel /= kernel.sum()
+    shake = [np.convolve(rng.normal(0, 1, n + 6), kernel, "valid")[:n] for _ in range(6)]
+    out = []
+    for k, T in enumerate(poses):
+        d = np.eye(4)
+        d[:3, :3] = _rotvec_to_matrix(np.deg2rad(rot_deg) * np.array([s[k] for s in shake[:3]]))
+        d[:3, 3] = trans_m * np.array([s[k] for s in shake[3:]])
+        out.append(np.asarray(T, np.float64) @ d)
+    return out
+
+
+TRAJECTORIES = ("loop", "lawnmower", "handheld")
+
+
+def make_trajectory(kind: str, width: float, depth: float, n_frames: int, seed: int = 0,
+                    height=(1.3, 1.6)) -> list[np.ndarray]:
+    """Camera poses for ``kind``: 'loop' (room_loop), 'lawnmower', 'handheld' (a loop with hand-held shake)."""
+    if kind == "loop":
+        return room_loop(width, depth, n_frames, seed=seed, height=height)
+    if kind == "lawnmower":
+        return lawnmower(width, depth, n_frames, seed=seed, height=height)
+    if kind == "handheld":
+        return handheld_jitter(room_loop(width, depth, n_frames, seed=seed, height=height), seed=seed)
+    raise ValueError(f"trajectory: expected one of {TRAJECTORIES}, got {kind!r}")

@@ -1,6 +1,7 @@
 """Dense vision-language feature backends.
 
-`make_backend("conse")` (default) works fully offline on CPU; `make_backend("open_clip", model=...,
+`make_backend("lseg")` (default: a text-aligned dense head trained here) and `make_backend("conse")` work fully
+offline on CPU; `make_backend("open_clip", model=...,
 pretrained=...)` needs the optional `open_clip_torch` package and is imported only when asked for.
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ import torch
 from ..device import resolve_device
 from .base import FeatureBackend, check_image
 
-BACKENDS = ("conse", "open_clip")
+BACKENDS = ("lseg", "conse", "open_clip")
 
 __all__ = ["BACKENDS", "FeatureBackend", "check_image", "make_backend"]
 
@@ -22,6 +23,9 @@ def make_backend(name: str = "conse", device: str | torch.device = "auto", **opt
     """
     key = (name or "conse").strip().lower().replace("-", "_")
     dev = device if isinstance(device, torch.device) else resolve_device(str(device))
+    if key == "lseg":
+        from .lseg import LSegBackend
+        return LSegBackend(device=dev, **options)
     if key == "conse":
         from .conse import ConSEBackend
         return ConSEBackend(device=dev, **options)

@@ -103,6 +103,21 @@ def load_efficientnet_lite(model: str, weights: str = "") -> torch.nn.Module:
     return fold_batchnorm(net.eval())
 
 
+def network_input_size(h: int, w: int, width: float) -> tuple[int, int]:
+    """(H, W) an (h, w) frame is resized to: ``width`` wide, aspect kept, both rounded to a multiple of 32."""
+    th = width * h / w
+    return max(32, int(round(th / 32)) * 32), max(32, int(round(width / 32)) * 32)
+
+
+def normalise_for_lite(rgb: np.ndarray, size: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """uint8 (H, W, 3) → the float (1, 3, h, w) channels-last input EfficientNet-Lite expects at ``size``."""
+    H, W = rgb.shape[:2]
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).to(device).permute(2, 0, 1)[None].float()
+    if tuple(size) != (H, W):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=size[0] < H)
+    return ((x - _LITE_MEAN) / _LITE_STD).contiguous(memory_format=torch.channels_last)
+
+
 def _fold(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d) -> None:
     """conv∘bn → conv with bias (eval-mode BN is an affine map per channel)."""
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
@@ -220,22 +235,16 @@ class ConSEBackend(FeatureBackend):
 
     # -- image -------------------------------------------------------------------------------------
     def _input_size(self, h: int, w: int, scale: float = 1.0) -> tuple[int, int]:
-        tw = self.image_width * scale
-        th = tw * h / w
-        return max(32, int(round(th / 32)) * 32), max(32, int(round(tw / 32)) * 32)
+        return network_input_size(h, w, self.image_width * scale)
 
     def dense_logits(self, rgb: np.ndarray) -> torch.Tensor:
         """uint8 (H, W, 3) → ImageNet logits (1000, h, w) on the base-scale grid (multi-scale averaged)."""
         rgb = check_image(rgb)
         H, W = rgb.shape[:2]
-        x0 = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device).permute(2, 0, 1)[None].float()
         base = None
         acc = None
         for s in self.scales:
-            size = self._input_size(H, W, s)
-            x = x0 if size == (H, W) else F.interpolate(x0, size=size, mode="bilinear", align_corners=False,
-                                                        antialias=size[0] < H)
-            x = ((x - _LITE_MEAN) / _LITE_STD).contiguous(memory_format=torch.channels_last)
+            x = normalise_for_lite(rgb, self._input_size(H, W, s), self.device)
             feat = self.net.extract_features(x)                                   # (1, C, h, w)
             logits = torch.einsum("bchw,kc->bkhw", feat, self._head_w) + self._head_b[None, :, None, None]
             if base is None:

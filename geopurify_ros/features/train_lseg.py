@@ -1,0 +1,238 @@
+"""``geopurify-train-features``: train the `lseg` backend's dense head on labelled renders.
+
+1. Training rooms (seeds >= 1000, training-split catalogue models, domain randomisation) are rendered
+   into text-labelled frames (`data.text_frames`: catalogue names + wall/floor/ceiling/poster).
+2. The frozen EfficientNet-Lite0 runs once per frame (and its mirror image); its stride-8/16/32 maps
+   are kept in memory as float16, so training touches only the small head.
+3. The head is trained LSeg-style: per output cell, cross-entropy over the training vocabulary of
+   cosine(cell embedding, MiniLM text embedding) / tau, the text encoder frozen.
+4. Validation: closed-set pixel mIoU with the evaluation class names (config/labels.yaml) on separate
+   training-split rooms (seeds `--val-seeds`); evaluation seeds 0-99 are never touched here.
+
+Writes ``OUT/lseg_head.pt``, ``OUT/lseg_head.json`` (command, data, split, metrics), ``OUT/train_log.jsonl``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data.catalog import TRAIN_SEED_MIN, split_table
+from ..data.classes import IGNORE_LABEL, class_names as table_class_names
+from ..data.text_frames import cached_text_frames
+from ..eval.metrics import Scores, confusion_matrix
+from .conse import load_efficientnet_lite, network_input_size, normalise_for_lite, shared_text_encoder
+from .lseg import DEFAULT_TEMPLATES, LSegHead, backbone_endpoints
+
+def parse_seeds(text: str) -> list[int]:
+    """'1000-1159' or '1000,1002' or a mix → sorted seeds."""
+    out: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        if "-" in part:
+            a, b = (int(x) for x in part.split("-"))
+            out.update(range(a, b + 1))
+        elif part:
+            out.add(int(part))
+    return sorted(out)
+
+
+def embed_texts(texts: list[str], templates, device) -> torch.Tensor:
+    enc = shared_text_encoder(str(device))
+    prompts = [t.format(x) for x in texts for t in templates]
+    emb = enc.encode(prompts).view(len(texts), len(templates), -1).mean(1)
+    return F.normalize(emb, dim=-1)
+
+
+class FeatureSet:
+    """Backbone maps (float16) and per-cell targets of many frames, held in memory."""
+
+    def __init__(self, net, seeds, frames_per_scene: int, image_width: int, vocab: list[str], flip: bool, log):
+        self.vocab = vocab
+        self.f8, self.f16, self.f32, self.targets, self.classes = [], [], [], [], []
+        t0 = time.perf_counter()
+        for n, seed in enumerate(seeds):
+            d = cached_text_frames(seed, frames_per_scene)
+            to_global = np.array([self.vocab_index(v) for v in d["vocab"]] + [-1], np.int64)
+            for rgb, ids, cls in zip(d["rgb"], d["ids"], d["classes"]):
+                for mirrored in ((False, True) if flip else (False,)):
+                    img, lab, cl = (rgb[:, ::-1], ids[:, ::-1], cls[:, ::-1]) if mirrored else (rgb, ids, cls)
+                    self._add(net, np.ascontiguousarray(img), to_global[lab], cl, image_width)
+            if log and (n + 1) % 10 == 0:
+                log(f"features: {n + 1}/{len(seeds)} scenes, {len(self.targets)} frames, "
+                    f"{time.perf_counter() - t0:.0f} s")
+        self.f8, self.f16, self.f32 = (torch.stack(x) for x in (self.f8, self.f16, self.f32))
+        self.targets, self.classes = torch.stack(self.targets), torch.stack(self.classes)
+
+    def vocab_index(self, text: str) -> int:
+        if text not in self.vocab:
+            self.vocab.append(text)
+        return self.vocab.index(text)
+
+    @torch.inference_mode()
+    def _add(self, net, rgb: np.ndarray, labels: np.ndarray, classes: np.ndarray, image_width: int) -> None:
+        H, W = rgb.shape[:2]
+        size = network_input_size(H, W, image_width)
+        f8, f16, f32 = backbone_endpoints(net, normalise_for_lite(rgb, size, torch.device("cpu")))
+        self.f8.append(f8[0].half().contiguous())
+        self.f16.append(f16[0].half().contiguous())
+        self.f32.append(f32[0].half().contiguous())
+        gh, gw = f8.shape[-2:]                     # targets at the head's output cells (stride 8)
+        rows = ((np.arange(gh) + 0.5) * H / gh).astype(np.int64)      # cell centres, align_corners=False
+        cols = ((np.arange(gw) + 0.5) * W / gw).astype(np.int64)
+        self.targets.append(torch.from_numpy(labels[rows][:, cols].astype(np.int64)))
+        self.classes.append(torch.from_numpy(classes[rows][:, cols].astype(np.int64)))
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+def cell_logits(head, fs: FeatureSet, idx, text_emb: torch.Tensor) -> torch.Tensor:
+    """(B, V, h, w) cosine similarities of the head's cells to ``text_emb`` (V, D) for frames ``idx``."""
+    emb = head(fs.f8[idx].float(), fs.f16[idx].float(), fs.f32[idx].float())
+    return torch.einsum("bdhw,vd->bvhw", emb, text_emb)
+
+
+@torch.no_grad()
+def closed_set_scores(head, fs: FeatureSet, class_emb: torch.Tensor, names: list[str], batch: int = 16) -> Scores:
+    """Pixel (cell) confusion of argmax-cosine labels against the frames' class ids."""
+    head.eval()
+    cm = np.zeros((len(names), len(names) + 1), np.int64)
+    for i in range(0, len(fs), batch):
+        idx = torch.arange(i, min(i + batch, len(fs)))
+        pred = cell_logits(head, fs, idx, class_emb).argmax(1)
+        cm += confusion_matrix(fs.classes[idx].numpy(), pred.numpy(), len(names), IGNORE_LABEL)
+    head.train()
+    return Scores(cm, names)
+
+
+def train(args, log=print) -> dict:
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_seeds, val_seeds = parse_seeds(args.seeds), parse_seeds(args.val_seeds)
+    if min(train_seeds + val_seeds) < TRAIN_SEED_MIN:
+        raise ValueError(f"seeds: training and validation rooms use seeds >= {TRAIN_SEED_MIN}; "
+                         "0-9 are for reporting, 10-99 reserved")
+    if set(train_seeds) & set(val_seeds):
+        raise ValueError("val-seeds: must not overlap the training seeds")
+    templates = tuple(args.templates) if args.templates else DEFAULT_TEMPLATES
+    net = load_efficientnet_lite(args.backbone).to(memory_format=torch.channels_last)
+    t0 = time.perf_counter()
+    vocab: list[str] = []
+    train_set = FeatureSet(net, train_seeds, args.frames, args.image_width, vocab, flip=True, log=log)
+    val_set = FeatureSet(net, val_seeds, args.frames, args.image_width, vocab, flip=False, log=None)
+    t_data = time.perf_counter() - t0
+    log(f"data: {len(train_set)} training frames ({len(train_seeds)} rooms, mirrored), {len(val_set)} validation "
+        f"frames, vocabulary {len(vocab)} texts, {t_data:.0f} s")
+    text_emb = embed_texts(vocab, templates, "cpu")                          # (V, 384), frozen
+    names = list(table_class_names(args.labels))
+    from ..query import CLASS_ALIASES
+    class_emb = embed_texts([CLASS_ALIASES.get(c.lower(), c) for c in names], templates, "cpu")
+
+    head = LSegHead(hidden=args.hidden, out_dim=text_emb.shape[1])
+    opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
+    logf = open(out / "train_log.jsonl", "w")
+    try:
+        from tqdm import tqdm
+        bar = tqdm(range(args.steps), desc="train-features", file=sys.stderr, disable=not args.progress)
+    except ImportError:                                   # pragma: no cover - tqdm ships with sentence-transformers
+        bar = range(args.steps)
+    t1 = time.perf_counter()
+    history = []
+    for step in bar:
+        idx = torch.from_numpy(rng.choice(len(train_set), args.batch, replace=False))
+        logits = cell_logits(head, train_set, idx, text_emb) / args.tau       # (B, V, gh, gw)
+        loss = F.cross_entropy(logits, train_set.targets[idx], ignore_index=-1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        rec = {"step": step + 1, "loss": round(loss.item(), 5), "lr": round(sched.get_last_lr()[0], 7),
+               "s": round(time.perf_counter() - t1, 1)}
+        if (step + 1) % args.val_every == 0 or step + 1 == args.steps:
+            sc = closed_set_scores(head, val_set, class_emb, names)
+            rec.update(val_miou=round(sc.miou, 4), val_macc=round(sc.macc, 4))
+            history.append(rec)
+            log(json.dumps(rec))
+        logf.write(json.dumps(rec) + "\n")
+        logf.flush()
+    logf.close()
+    t_train = time.perf_counter() - t1
+    final = closed_set_scores(head, val_set, class_emb, names)
+    meta = {
+        "what": "LSeg-style dense head for the lseg feature backend (frozen EfficientNet-Lite0 + MiniLM text space)",
+        "command": "geopurify-train-features " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
+        "backbone": args.backbone, "image_width": args.image_width, "templates": list(templates),
+        "config": head.config, "tau": args.tau, "steps": args.steps, "batch": args.batch, "lr": args.lr,
+        "weight_decay": args.weight_decay, "seed": args.seed,
+        "data": {"generator": "geopurify_ros.data.text_frames (train preset, domain randomisation)",
+                 "train_seeds": args.seeds, "val_seeds": args.val_seeds, "frames_per_room": args.frames,
+                 "train_frames": len(train_set), "val_frames": len(val_set), "mirrored": True,
+                 "labels": "catalogue names + wall/floor/ceiling/poster; ScanNet ids only for validation scores",
+                 "vocabulary": vocab},
+        "split": split_table(),
+        "metrics": {"val_cell_miou": round(final.miou, 4), "val_cell_macc": round(final.macc, 4),
+                    "val_per_class_iou": {n: (None if np.isnan(v) else round(float(v), 4))
+                                          for n, v in zip(names, final.iou) if final.present[names.index(n)]},
+                    "history": history},
+        "seconds": {"data": round(t_data, 1), "train": round(t_train, 1)},
+        "machine": {"threads": args.threads, "torch": torch.__version__, "platform": platform.platform()},
+    }
+    torch.save({"config": head.config, "state_dict": head.state_dict(),
+                "meta": {k: meta[k] for k in ("backbone", "image_width", "templates", "command")}},
+               out / "lseg_head.pt")
+    (out / "lseg_head.json").write_text(json.dumps(meta, indent=1))
+    log(f"wrote {out / 'lseg_head.pt'}: validation cell mIoU {final.miou:.3f}, train {t_train:.0f} s")
+    return meta
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="geopurify-train-features", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--seeds", default="1000-1159", help="training room seeds (>= 1000), e.g. 1000-1159")
+    ap.add_argument("--val-seeds", default="1900-1907", help="validation room seeds (>= 1000, disjoint)")
+    ap.add_argument("--frames", type=int, default=16, help="frames rendered per room")
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--weight-decay", type=float, default=1e-4)
+    ap.add_argument("--tau", type=float, default=0.07, help="softmax temperature on cosine similarities")
+    ap.add_argument("--hidden", type=int, default=128, help="decoder channels")
+    ap.add_argument("--image-width", type=int, default=448)
+    ap.add_argument("--backbone", default="efficientnet-lite0")
+    ap.add_argument("--templates", nargs="*", default=None, help="text templates (default: 'a photo of a {}.')")
+    ap.add_argument("--labels", default=None, help="labels.yaml for validation scores (default config/labels.yaml)")
+    ap.add_argument("--val-every", type=int, default=250)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-progress", dest="progress", action="store_false")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    try:
+        train(args)
+    except ValueError as exc:
+        print(f"geopurify-train-features: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
