@@ -21,6 +21,8 @@ setup(
             "geopurify-make-demo = geopurify_ros.data.make_demo:main",
             "geopurify-train = geopurify_ros.purify.train:main",
             "geopurify-eval = geopurify_ros.eval.cli:main",
+            "geopurify-query = geopurify_ros.node.query_client:main",
+            "geopurify-export = geopurify_ros.export:main",
         ]
     },
 )
