@@ -22,6 +22,8 @@ setup(
             "geopurify-train = geopurify_ros.purify.train:main",
             "geopurify-train-features = geopurify_ros.features.train_lseg:main",
             "geopurify-eval = geopurify_ros.eval.cli:main",
+            "geopurify-query = geopurify_ros.node.query_client:main",
+            "geopurify-export = geopurify_ros.export:main",
         ]
     },
 )

@@ -2,12 +2,14 @@
 
     ros2 launch geopurify_ros mapping.launch.py device:=cuda pose_source:=odometry odom_topic:=/odom
     ros2 launch geopurify_ros mapping.launch.py params_file:=/path/to/my_mapping.yaml use_sim_time:=true
+    ros2 launch geopurify_ros mapping.launch.py rviz:=true      # also start rviz2 with rviz/mapping.rviz
 
 Defaults come from share/geopurify_ros/config/mapping.yaml; the launch arguments below override
 individual parameters on top of that file.
 """
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument
+from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
@@ -25,6 +27,7 @@ PARAM_ARGUMENTS = [
     ("sensor_qos", "best_effort", "best_effort | reliable (bag replay)"),
     ("device", "auto", "Torch device: auto | cpu | cuda | cuda:N"),
     ("feature_backend", "conse", "Feature backend: conse | open_clip"),
+    ("cloud_color", "semantic", "Cloud rgb: semantic (label palette) | rgb (camera colour)"),
 ]
 
 
@@ -39,6 +42,7 @@ def generate_launch_description():
         DeclareLaunchArgument("cloud_topic", default_value="/geopurify_mapping/labelled_cloud",
                               description="Remap of ~/labelled_cloud"),
         DeclareLaunchArgument("log_level", default_value="info", description="Logger level"),
+        DeclareLaunchArgument("rviz", default_value="false", description="Also start rviz2 with rviz/mapping.rviz"),
     ]
     args += [DeclareLaunchArgument(name, default_value=default, description=desc)
              for name, default, desc in PARAM_ARGUMENTS]
@@ -56,4 +60,13 @@ def generate_launch_description():
         remappings=[("~/labelled_cloud", LaunchConfiguration("cloud_topic"))],
         arguments=["--ros-args", "--log-level", LaunchConfiguration("log_level")],
     )
-    return LaunchDescription(args + [node])
+    rviz = Node(
+        package="rviz2",
+        executable="rviz2",
+        name="rviz2",
+        output="log",
+        arguments=["-d", PathJoinSubstitution([FindPackageShare("geopurify_ros"), "rviz", "mapping.rviz"])],
+        parameters=[{"use_sim_time": ParameterValue(LaunchConfiguration("use_sim_time"), value_type=bool)}],
+        condition=IfCondition(LaunchConfiguration("rviz")),
+    )
+    return LaunchDescription(args + [node, rviz])

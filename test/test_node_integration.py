@@ -269,6 +269,7 @@ NODE_OVERRIDES = {
     "sensor_qos": "reliable", "queue_size": 32, "purify_period_s": 0.5, "diagnostics_period_s": 0.5,
     "keyframe_min_translation_m": 0.02, "keyframe_max_interval_s": 0.0, "pose_max_age_s": 0.2,
     "device": "cpu", "warn_throttle_s": 1.0, "voxel_size": 0.05,
+    "cloud_color": "rgb",          # camera colours: save -> load must restore them bit for bit
 }
 
 

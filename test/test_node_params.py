@@ -38,6 +38,7 @@ def test_yaml_holds_every_parameter_with_the_declared_default():
 @pytest.mark.parametrize("name,value", [
     ("pose_source", "gps"), ("sensor_qos", "fast"), ("sync_slop_s", -0.1), ("queue_size", 0),
     ("purify_period_s", 0.0), ("base_to_camera", [0.0, 0.0, 0.0]), ("color_encoding", "mono16"),
+    ("cloud_color", "label"),
     ("depth_encoding", "rgb8"), ("keyframe_min_rotation_deg", 270.0), ("map_frame", " "),
     ("voxel_size", 0.0), ("eviction", "random"), ("class_names", ["only_one"]),
 ])

@@ -65,7 +65,7 @@ def test_builds_as_a_colcon_workspace(tmp_path):
 
     src = tmp_path / "src" / "geopurify_ros"
     src.mkdir(parents=True)
-    for name in ("CMakeLists.txt", "package.xml", "msg", "srv", "scripts", "launch", "config", "geopurify_ros"):
+    for name in ("CMakeLists.txt", "package.xml", "msg", "srv", "scripts", "launch", "config", "rviz", "geopurify_ros"):
         p = ROOT / name
         (shutil.copytree(p, src / name, ignore=shutil.ignore_patterns("__pycache__"))
          if p.is_dir() else shutil.copy(p, src / name))
@@ -76,13 +76,18 @@ def test_builds_as_a_colcon_workspace(tmp_path):
          "-DBUILD_TESTING=OFF"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     prefix = tmp_path / "install" / "geopurify_ros"
-    assert (prefix / "lib" / "geopurify_ros" / "mapping_node").is_file()
+    for exe in ("mapping_node", "geopurify-query", "geopurify-export"):
+        assert (prefix / "lib" / "geopurify_ros" / exe).is_file(), exe
+    assert (prefix / "share" / "geopurify_ros" / "rviz" / "mapping.rviz").is_file()
     assert (prefix / "share" / "geopurify_ros" / "launch" / "mapping.launch.py").is_file()
     assert (prefix / "share" / "geopurify_ros" / "config" / "mapping.yaml").is_file()
     site = next(prefix.glob("lib/python3*/site-packages"))
     code = ("import geopurify_ros, geopurify_ros.srv, geopurify_ros.pipeline\n"
             "assert geopurify_ros.__file__.startswith(%r), geopurify_ros.__file__\n"
-            "geopurify_ros.srv.TextQuery.Request(text='x')\n" % str(site))
+            "geopurify_ros.srv.TextQuery.Request(text='x')\n"
+            "from geopurify_ros.msg import ClassList\n"
+            "from std_msgs.msg import ColorRGBA\n"
+            "ClassList(names=['a'], colors=[ColorRGBA(r=1.0)])\n" % str(site))
     run_env = dict(env, PYTHONPATH=str(site), AMENT_PREFIX_PATH=f"{prefix}:{venv}",
                    LD_LIBRARY_PATH=f"{prefix / 'lib'}:{os.environ.get('LD_LIBRARY_PATH', '')}")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=run_env, capture_output=True,

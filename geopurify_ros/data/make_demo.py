@@ -25,6 +25,7 @@ import numpy as np
 
 from . import bag_io
 from ..cache import cache_dir
+from ..palette import colors_of
 from .catalog import SPLITS, default_split
 from .classes import IGNORE_LABEL
 
@@ -181,9 +182,8 @@ def save_previews(out: Path, frame: dict, class_names) -> None:
     if ok.any():
         dn[ok] = np.clip(255 * (1 - (d[ok] - d[ok].min()) / max(np.ptp(d[ok]), 1e-6)) * 0.85 + 38, 0, 255).astype(np.uint8)
     Image.fromarray(dn).save(out / "preview_depth.png")
-    palette = (np.random.default_rng(3).integers(40, 256, (len(class_names) + 1, 3))).astype(np.uint8)
-    lab = frame["labels"].astype(np.int64)
-    img = np.where((lab == IGNORE_LABEL)[..., None], 0, palette[np.minimum(lab, len(class_names))])
+    lab = frame["labels"]
+    img = np.where((lab == IGNORE_LABEL)[..., None], 0, colors_of(lab, len(class_names)))   # the map palette
     Image.fromarray(img.astype(np.uint8)).save(out / "preview_labels.png")
 
 

@@ -7,39 +7,22 @@ from typing import Any
 
 import numpy as np
 
+from ..figures import dot_size, pyplot as _plt, subsample as _subsample
+from ..palette import colors_of, label_colors
 from .metrics import Scores
 
-MAX_PLOT_POINTS = 60_000   # scatter plots are subsampled: the figures stay readable and fast
 
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")              # headless: never needs a display
-    import matplotlib.pyplot as plt
-
-    return plt
+def _rgba(rgb: np.ndarray) -> np.ndarray:
+    return np.concatenate([rgb.astype(np.float64) / 255.0, np.ones((len(rgb), 1))], axis=1)
 
 
 def palette(num_classes: int) -> np.ndarray:
-    """(C+1, 4) RGBA colours; the last row (unknown / ignore) is grey."""
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab20"]
-    cols = np.array([cmap(i % 20) for i in range(num_classes)] + [(0.6, 0.6, 0.6, 1.0)])
-    return cols
+    """(C+1, 4) RGBA colours of `geopurify_ros.palette`; the last row (unknown / ignore) is grey."""
+    return _rgba(label_colors(num_classes))
 
 
 def _colors(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    lab = np.asarray(labels, dtype=np.int64)
-    lab = np.where((lab >= 0) & (lab < num_classes), lab, num_classes)
-    return palette(num_classes)[lab]
-
-
-def _subsample(n: int, seed: int = 0) -> np.ndarray:
-    if n <= MAX_PLOT_POINTS:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, MAX_PLOT_POINTS, replace=False))
+    return _rgba(colors_of(labels, num_classes))
 
 
 def plot_views(path: Path, panels: list[tuple[str, np.ndarray, np.ndarray]], class_names: list[str], view: str) -> None:
@@ -54,7 +37,7 @@ def plot_views(path: Path, panels: list[tuple[str, np.ndarray, np.ndarray]], cla
         idx = _subsample(len(xyz))
         xyz, lab = xyz[idx], np.asarray(lab)[idx]
         used.update(int(v) for v in np.unique(lab) if 0 <= v < c)
-        size = float(np.clip(8000.0 / max(len(xyz), 1), 0.4, 6.0))   # sparse clouds get bigger dots
+        size = dot_size(len(xyz))
         if view == "top":
             ax = fig.add_subplot(1, n, k + 1)
             order = np.argsort(xyz[:, 2]) if len(xyz) else idx   # draw high points last (seen from above)

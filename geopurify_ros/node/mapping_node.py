@@ -36,6 +36,7 @@ from geopurify_ros.node import params as node_params
 from geopurify_ros.node.pose_source import (MessagePoseSource, PoseBuffer, PoseLookupError, TfPoseSource,
                                             TfUnavailable, extrinsic_from_param)
 from geopurify_ros.node.sync import ApproximateTimeSync, KeyframeSelector
+from geopurify_ros.palette import colorize
 
 NODE_NAME = "geopurify_mapping"
 
@@ -277,6 +278,8 @@ class MappingNode(Node):
 
     # ------------------------------------------------------------------ outputs
     def _publish_cloud(self, cloud: np.ndarray, stamp: float) -> None:
+        if self.cfg.cloud_color == "semantic":
+            cloud = colorize(cloud, len(self.pipeline.class_names))
         self.cloud_pub.publish(mc.cloud_to_msg(cloud, self.cfg.map_frame, mc.sec_to_stamp(stamp)))
         self.counters["clouds_published"] += 1
 

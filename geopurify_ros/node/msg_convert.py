@@ -101,11 +101,17 @@ def cloud_to_msg(cloud: np.ndarray, frame_id: str, stamp: Any) -> Any:
 
 
 def class_list_msg(names: Iterable[str], frame_id: str, stamp: Any) -> Any:
+    """ClassList: the label names and their palette colours (the legend of a semantic cloud)."""
+    from std_msgs.msg import ColorRGBA
+
     from geopurify_ros.msg import ClassList
+    from geopurify_ros.palette import label_colors
     msg = ClassList()
     msg.header.frame_id = frame_id
     msg.header.stamp = stamp
     msg.names = [str(n) for n in names]
+    msg.colors = [ColorRGBA(r=r / 255.0, g=g / 255.0, b=b / 255.0, a=1.0)
+                  for r, g, b in label_colors(len(msg.names))[:-1].tolist()]
     return msg
 
 

@@ -15,6 +15,7 @@ from geopurify_ros.node.pose_source import POSE_SOURCES, extrinsic_from_param
 
 COLOR_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8")
 DEPTH_ENCODINGS = ("16UC1", "32FC1")
+CLOUD_COLORS = ("semantic", "rgb")
 
 
 @dataclass
@@ -42,6 +43,7 @@ class NodeConfig(ParamConfig):
     keyframe_max_interval_s: float = 1.0
     queue_size: int = 4
     purify_period_s: float = 1.0
+    cloud_color: str = "semantic"             # semantic (palette by label) | rgb (camera colour)
     cloud_transient_local: bool = True
     publish_query_markers: bool = True
     publish_diagnostics: bool = True
@@ -73,6 +75,7 @@ class NodeConfig(ParamConfig):
         need(self.keyframe_max_interval_s >= 0, "keyframe_max_interval_s", "must be >= 0 (0 = no time trigger)")
         need(self.queue_size >= 1, "queue_size", "must be >= 1")
         need(self.purify_period_s > 0, "purify_period_s", "must be > 0")
+        need(self.cloud_color in CLOUD_COLORS, "cloud_color", "must be one of " + ", ".join(CLOUD_COLORS))
         need(self.diagnostics_period_s > 0, "diagnostics_period_s", "must be > 0")
         need(self.warn_throttle_s >= 0, "warn_throttle_s", "must be >= 0")
 
@@ -137,6 +140,8 @@ _NODE_DOC = {
     "keyframe_max_interval_s": ("Keyframe at least this often regardless of motion [s] (0 = off)", (0.0, 3600.0)),
     "queue_size": ("Keyframes waiting for the worker; the oldest is dropped when full", (1, 1000)),
     "purify_period_s": ("Period of incremental purification + cloud publishing [s]", (1e-3, 3600.0)),
+    "cloud_color": ("Colour in ~/labelled_cloud rgb: semantic (label palette, = ~/class_names colors) | rgb "
+                    "(camera)", None),
     "cloud_transient_local": ("Publish ~/labelled_cloud transient-local (latched)", None),
     "publish_query_markers": ("Publish ~/query_markers (MarkerArray of the last query's matches)", None),
     "publish_diagnostics": ("Publish /diagnostics", None),
