@@ -54,7 +54,7 @@ class PipelineConfig(ParamConfig):
 
     device: str = "auto"
     # Vision-language features
-    feature_backend: str = "conse"          # conse | open_clip
+    feature_backend: str = "lseg"           # lseg | conse | open_clip
     feature_model: str = ""                 # backend-specific model name ("" = backend default)
     feature_pretrained: str = ""            # open_clip pretrained tag or checkpoint path
     feature_image_width: int = 0            # resize colour to this width before encoding (0 = backend default)

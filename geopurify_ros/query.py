@@ -20,8 +20,9 @@ CANONICAL_NEGATIVES: tuple[str, ...] = ("object", "things", "stuff", "texture")
 # Label-table names that are not words: the text actually embedded for them.
 CLASS_ALIASES = {"otherfurniture": "furniture", "otherprop": "object", "otherstructure": "structure"}
 # Per-backend defaults: MiniLM/ConSE cosine gaps are small (~0.05-0.3), CLIP ones similar after L2-norm.
-DEFAULT_QUERY_TEMPERATURE = {"conse": 0.05, "open_clip": 0.05}
-DEFAULT_LABEL_TEMPERATURE = {"conse": 0.05, "open_clip": 0.01}
+# lseg: its head was trained with a softmax over cosines at tau = 0.07, so that is its label temperature.
+DEFAULT_QUERY_TEMPERATURE = {"lseg": 0.05, "conse": 0.05, "open_clip": 0.05}
+DEFAULT_LABEL_TEMPERATURE = {"lseg": 0.07, "conse": 0.05, "open_clip": 0.01}
 
 
 class TextScorer:

@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     pace.add_argument("--fast", action="store_true", help="ros mode: publish as fast as the node acknowledges (default)")
     p.add_argument("--match-radius", type=float, default=None, help="GT-to-map matching radius [m] (default 1.5 x voxel)")
     p.add_argument("--purify-modes", default="raw,purified,pooled", help="modes scored on the one fused map")
+    p.add_argument("--compare-backends", default="", metavar="NAME,...",
+                   help="also replay offline with these feature backends (e.g. conse) and report them in the same tables")
     p.add_argument("--node-timeout", type=float, default=120.0, help="ros mode: seconds to wait for the node to start/answer")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -236,6 +238,15 @@ def run(args) -> Path:
         results = {}
         if args.mode in ("offline", "both"):
             results["offline"] = replay_offline(source, config, params, modes, args.max_frames, progress=not args.quiet)
+        for name in filter(None, (b.strip() for b in args.compare_backends.split(","))):
+            # same bag, same parameters, only the feature backend differs (its own default model and width)
+            other = dict(params, feature_backend=name, feature_model="", feature_image_width=0)
+            try:
+                other_config = PipelineConfig.from_dict(other)
+            except ValueError as exc:
+                raise EvalError(f"--compare-backends: {exc}") from None
+            results[f"offline[{name}]"] = replay_offline(source, other_config, other, modes, args.max_frames,
+                                                         progress=not args.quiet)
         if args.mode in ("ros", "both"):
             from .ros_replay import replay_ros
 

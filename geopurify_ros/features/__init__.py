@@ -16,12 +16,12 @@ BACKENDS = ("lseg", "conse", "open_clip")
 __all__ = ["BACKENDS", "FeatureBackend", "check_image", "make_backend"]
 
 
-def make_backend(name: str = "conse", device: str | torch.device = "auto", **options) -> FeatureBackend:
+def make_backend(name: str = "lseg", device: str | torch.device = "auto", **options) -> FeatureBackend:
     """Construct a feature backend by name; `options` go to its constructor (see the backend docstring).
 
     Unknown names → ValueError; a backend whose optional dependency is missing → ImportError naming it.
     """
-    key = (name or "conse").strip().lower().replace("-", "_")
+    key = (name or "lseg").strip().lower().replace("-", "_")
     dev = device if isinstance(device, torch.device) else resolve_device(str(device))
     if key == "lseg":
         from .lseg import LSegBackend

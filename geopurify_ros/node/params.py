@@ -92,7 +92,7 @@ class ParamSpec:
 
 _PIPELINE_DOC = {
     "device": ("Torch device: auto (cuda if available), cpu, cuda, cuda:N", None),
-    "feature_backend": ("Vision-language feature backend: conse (offline default) or open_clip", None),
+    "feature_backend": ("Vision-language feature backend: lseg (default, trained here), conse or open_clip", None),
     "feature_model": ("Backend-specific model name ('' = backend default)", None),
     "feature_pretrained": ("open_clip pretrained tag or checkpoint path", None),
     "feature_image_width": ("Resize colour to this width before encoding (0 = backend default)", (0, 4096)),

@@ -1,0 +1,93 @@
+"""The lseg backend (text-aligned dense head, the offline default): shipped checkpoint, offline loading, labels."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from geopurify_ros.features import make_backend
+from geopurify_ros.features.lseg import DEFAULT_CHECKPOINT, LSegHead, load_head
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Run in a fresh interpreter with the hub offline and an empty cache: nothing may be downloaded or pre-cached.
+OFFLINE_SCRIPT = r"""
+import json, sys
+import numpy as np
+from geopurify_ros.data.make_demo import render_sequence
+from geopurify_ros.features import make_backend
+from geopurify_ros.query import TextScorer
+from geopurify_ros.data.classes import class_names
+
+names = list(class_names())
+scene, cam, frames, _, _ = render_sequence("demo", 0, noise=False, n_frames=8)
+bed = names.index("bed")
+frame = max(frames, key=lambda f: int((f["labels"] == bed).sum()))
+backend = make_backend("lseg", device="cpu")
+feats = backend.encode_image(frame["rgb"])                    # (h, w, D)
+h, w = feats.shape[:2]
+H, W = frame["labels"].shape
+rows = ((np.arange(h) + 0.5) * H / h).astype(int)
+cols = ((np.arange(w) + 0.5) * W / w).astype(int)
+lab = frame["labels"][rows][:, cols].ravel()
+sim = TextScorer(backend, names).similarities(feats.reshape(-1, feats.shape[-1])).numpy()
+out = {}
+for c in ("wall", "floor", "bed"):
+    m = lab == names.index(c)
+    out[c] = {"cells": int(m.sum()), "mean_sim_argmax": names[int(sim[m].mean(0).argmax())],
+              "cell_accuracy": float((sim[m].argmax(1) == names.index(c)).mean())}
+print(json.dumps(out))
+"""
+
+
+def test_checkpoint_ships_with_its_record():
+    assert DEFAULT_CHECKPOINT.is_file() and DEFAULT_CHECKPOINT.stat().st_size < 20e6
+    meta = json.loads(DEFAULT_CHECKPOINT.with_suffix(".json").read_text())
+    assert meta["command"].startswith("geopurify-train-features")
+    seeds = [int(s) for part in meta["data"]["train_seeds"].split(",") for s in part.split("-")]
+    assert min(seeds) >= 1000                                   # evaluation protocol: training rooms only
+    held = {m for r in meta["split"]["roles"].values() for m in r["heldout"]}
+    train = {m for r in meta["split"]["roles"].values() for m in r["train"]}
+    assert held and train and not held & train
+
+
+def test_rendered_frame_labels_its_own_classes_offline_with_empty_cache(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GEOPURIFY_CACHE=str(tmp_path / "cache"),
+               HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-c", OFFLINE_SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    scores = json.loads(res.stdout.strip().splitlines()[-1])
+    for cls, s in scores.items():
+        assert s["cells"] > 20, scores
+        assert s["mean_sim_argmax"] == cls, scores
+        assert s["cell_accuracy"] > 0.5, scores
+
+
+def test_shapes_normalisation_and_text_space():
+    b = make_backend("lseg", device="cpu")
+    img = np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)
+    f = b.encode_image(img)
+    assert f.shape == (40, 56, 384) and f.dtype == torch.float32
+    assert torch.allclose(f.norm(dim=-1), torch.ones(40, 56), atol=1e-4)
+    t = b.encode_text(["a bed", "a wall"])
+    assert t.shape == (2, 384) and torch.allclose(t.norm(dim=-1), torch.ones(2), atol=1e-4)
+    assert b.dim == 384 and b.name == "lseg"
+
+
+def test_bad_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="feature_model"):
+        load_head(tmp_path / "missing.pt")
+    bad = tmp_path / "bad.pt"
+    torch.save({"nothing": 1}, bad)
+    with pytest.raises(ValueError, match="feature_model"):
+        load_head(bad)
+    ok = tmp_path / "head.pt"
+    head = LSegHead(hidden=8, out_dim=16)
+    torch.save({"config": head.config, "state_dict": head.state_dict(), "meta": {}}, ok)
+    with pytest.raises(ValueError, match="16-d"):
+        make_backend("lseg", device="cpu", model=str(ok))
