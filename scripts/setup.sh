@@ -26,12 +26,14 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
-REQ_HASH=$(cat requirements.txt requirements-test.txt setup.py | sha1sum | cut -c1-12)
+REQ_HASH=$(cat requirements.txt requirements-test.txt requirements-test-nodeps.txt setup.py | sha1sum | cut -c1-12)
 if [ ! -f "$STAMP_DIR/pip-$REQ_HASH" ]; then
   say "installing Python packages"
   pip install -q --upgrade pip
   pip install -q torch==2.13.0
   pip install -q -r requirements.txt -r requirements-test.txt
+  # open_clip_torch without torchvision/timm (see the file); pip's resolver reports them missing on later runs.
+  pip install -q --no-deps -r requirements-test-nodeps.txt
   pip install -q --no-deps --no-build-isolation -e .
   touch "$STAMP_DIR/pip-$REQ_HASH"
 fi

@@ -61,9 +61,11 @@ class OpenCLIPBackend(FeatureBackend):
             raise ValueError(f"image_width: must be >= 32, got {image_width}")
         try:
             clip = open_clip.create_model(model, pretrained=pretrained or None, device=self.device)
-        except RuntimeError as exc:  # unknown model / tag, or weights not downloadable offline
-            raise ValueError(f"model/pretrained: cannot create open_clip model {model!r} "
-                             f"with pretrained={pretrained!r}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - RuntimeError: unknown model / tag, weights not downloadable
+            # offline, state-dict mismatch; UnpicklingError/EOFError: a corrupt checkpoint file;
+            # FileNotFoundError: a missing 'local-dir:' model. All are bad model/pretrained values.
+            raise ValueError(f"model/pretrained: cannot create open_clip model {model!r} with "
+                             f"pretrained={pretrained!r}: {type(exc).__name__}: {exc}") from exc
         self.clip = clip.eval()
         visual = clip.visual
         if not hasattr(visual, "conv1") or not hasattr(visual, "transformer"):

@@ -1,0 +1,1 @@
+"""Shim of `torchvision.ops` (see the package docstring)."""
