@@ -34,7 +34,7 @@ from geopurify_ros.srv import MapFile, TextQuery  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE = "/geopurify_mapping"
-QUERY = "bookshelf"            # separates well in the tiny demo (see test_node_integration)
+QUERY = "sofa"                 # separates well in the tiny demo (see test_node_integration)
 TOOL_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
