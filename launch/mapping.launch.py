@@ -26,7 +26,7 @@ PARAM_ARGUMENTS = [
     ("map_frame", "map", "World frame of the map"),
     ("sensor_qos", "best_effort", "best_effort | reliable (bag replay)"),
     ("device", "auto", "Torch device: auto | cpu | cuda | cuda:N"),
-    ("feature_backend", "conse", "Feature backend: conse | open_clip"),
+    ("feature_backend", "lseg", "Feature backend: lseg | conse | open_clip"),
     ("cloud_color", "semantic", "Cloud rgb: semantic (label palette) | rgb (camera colour)"),
 ]
 

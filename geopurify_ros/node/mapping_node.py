@@ -180,7 +180,9 @@ class MappingNode(Node):
     def _sensor_qos(self) -> QoSProfile:
         if self.cfg.sensor_qos == "best_effort":
             return qos_profile_sensor_data
-        return QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+        # reliable = replay: keep a backlog deep enough that a busy executor (the GIL is shared with
+        # the torch worker) never overwrites unread images, which would drop their partners too
+        return QoSProfile(depth=max(50, self.cfg.sync_queue_size), reliability=ReliabilityPolicy.RELIABLE)
 
     def _make_pose_source(self) -> Any:
         cfg = self.cfg
