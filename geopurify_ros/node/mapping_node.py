@@ -446,21 +446,19 @@ def translate_args(argv: list[str]) -> list[str]:
     return extra + out
 
 
-class _InterruptOnce:
-    """SIGINT/SIGTERM handler: the first one stops spinning (KeyboardInterrupt), later ones are ignored.
+class _StopSignals:
+    """SIGINT/SIGTERM handler that only records the request; it never raises.
 
-    `ros2 launch` forwards SIGINT to a node whose process group already got one from the terminal;
-    with Python's default handler that second SIGINT lands in the shutdown path (traceback, exit -2).
-    Installed before rclpy.init, so rclpy's own handler (which wakes the executor) chains to it.
-    `interrupted` is also set once shutdown starts for any other reason."""
+    rclpy's own handler (installed by rclpy.init on top of this one, which it chains to) shuts the
+    context down, so `spin()` returns. Python's default handler raised KeyboardInterrupt wherever the
+    main thread was: `ros2 launch` forwards SIGINT to a node whose process group already got one from
+    the terminal, and that second one landed in destroy_node() (traceback, exit -2)."""
 
     def __init__(self) -> None:
-        self.interrupted = False
+        self.requested = False
 
     def __call__(self, signum: int, frame: Any) -> None:
-        if not self.interrupted:
-            self.interrupted = True
-            raise KeyboardInterrupt
+        self.requested = True
 
 
 def _startup_error(message: str, status: int) -> int:
@@ -472,21 +470,19 @@ def main(argv: list[str] | None = None) -> int:
     """Run the node; exit status 0 on a clean stop (SIGINT/SIGTERM), 2 on a bad parameter / argument, 1 on
     another startup failure (e.g. a missing checkpoint)."""
     fix_mmap_threshold()                   # before the big allocations: keeps RSS flat over long runs
-    interrupt = _InterruptOnce()
+    stop = _StopSignals()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, interrupt)
+        signal.signal(sig, stop)
     try:
-        return _run(argv, interrupt)
-    except KeyboardInterrupt:          # stopped before the node was up
-        return 0
+        return _run(argv, stop)
     finally:
-        # Python resets its own handlers to the default (die by signal: exit -2 / -15) while it finalizes,
+        # Python resets its handlers to the default (die by signal: exit -2 / -15) while it finalizes,
         # which takes a moment with torch loaded; ignored signals stay ignored through that.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
 
 
-def _run(argv: list[str] | None, interrupt: _InterruptOnce) -> int:
+def _run(argv: list[str] | None, stop: _StopSignals) -> int:
     import rclpy
     from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 
@@ -500,24 +496,26 @@ def _run(argv: list[str] | None, interrupt: _InterruptOnce) -> int:
         rclpy.init(args=[sys.argv[0]] + args)
     except Exception as exc:                         # e.g. unparsable --ros-args
         return _startup_error(f"{type(exc).__name__}: {exc}", 2)
-    node = None
     try:
+        executor = MultiThreadedExecutor(num_threads=4)
         node = MappingNode()
-    except (ValueError, TfUnavailable) as exc:       # bad parameter / missing tf2_ros: name it, exit 2
-        return _startup_error(str(exc), 2)
-    except Exception as exc:                         # e.g. missing checkpoint / backend weights
-        return _startup_error(f"{type(exc).__name__}: {exc}", 1)
-    finally:
-        if node is None:
-            rclpy.try_shutdown()
-    executor = MultiThreadedExecutor(num_threads=4)
-    executor.add_node(node)
+    except Exception as exc:
+        rclpy.try_shutdown()
+        if stop.requested:                           # stopped while starting: rclpy shut the context down
+            return 0
+        if isinstance(exc, (ValueError, TfUnavailable)):  # bad parameter / missing tf2_ros: name it, exit 2
+            return _startup_error(str(exc), 2)
+        return _startup_error(f"{type(exc).__name__}: {exc}", 1)  # e.g. missing checkpoint / backend weights
     try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
+        if not stop.requested:
+            executor.add_node(node)
+            executor.spin()                          # returns once a signal shut the context down
+    except ExternalShutdownException:
         pass
+    except Exception:
+        if not stop.requested:                       # else: the context went away under the requested stop
+            raise
     finally:
-        interrupt.interrupted = True               # from here on signals must not interrupt the clean-up
         executor.shutdown(timeout_sec=1.0)
         node.destroy_node()
         rclpy.try_shutdown()
