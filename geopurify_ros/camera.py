@@ -205,6 +205,19 @@ def validate_pose(T, name: str = "T_world_cam", atol: float = 1e-3) -> np.ndarra
 
 
 # ---------------------------------------------------------------------- back-projection
+def depth_in_range(z, min_depth: float, max_depth: float):
+    """Mask of the depths `backproject` uses (ndarray or Tensor): min_depth <= z <= max_depth and z > 0.
+
+    NaN compares False, so NaN is dropped; inf fails the max test; z = 0 is "no return" even if min_depth = 0.
+    """
+    return (z >= min_depth) & (z <= max_depth) & (z > 0)
+
+
+def count_fusable_depth(depth, stride: int, min_depth: float, max_depth: float) -> int:
+    """Number of pixels of the stride grid that `backproject` would keep (0: the frame adds nothing)."""
+    return int(depth_in_range(depth[::stride, ::stride], min_depth, max_depth).sum())
+
+
 def backproject(depth, cam: CameraModel, T_world_cam, stride: int = 1, min_depth: float = 0.1,
                 max_depth: float = 8.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Back-project valid depth pixels of the stride grid into the world frame.
@@ -236,8 +249,7 @@ def backproject(depth, cam: CameraModel, T_world_cam, stride: int = 1, min_depth
     R, t = T[:3, :3], T[:3, 3]
     dev = depth.device
     z = depth[::stride, ::stride].to(torch.float32)
-    # NaN compares False, so this also drops NaN; inf fails the max test; z = 0 is "no return" even if min_depth = 0.
-    valid = (z >= min_depth) & (z <= max_depth) & (z > 0)
+    valid = depth_in_range(z, min_depth, max_depth)
     idx = valid.reshape(-1).nonzero().squeeze(1)
     pix_grid, ray_grid = _ray_grid(cam, stride, z.shape, dev)
     pixels = pix_grid.index_select(0, idx)

@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .camera import CameraModel, validate_pose
+from .camera import CameraModel, count_fusable_depth, validate_pose
 from .config import PipelineConfig
 from .device import resolve_device
 from .features import make_backend
@@ -121,8 +121,7 @@ class MappingPipeline:
             self._stats.last_fuse_ms = (time.perf_counter() - t1) * 1e3
         return stats
 
-    @staticmethod
-    def _check_frame(rgb, depth, cam, T):
+    def _check_frame(self, rgb, depth, cam, T):
         # Checked before encoding: fuse_frame checks too, but only after the costly feature pass.
         rgb = np.asarray(rgb)
         depth = np.asarray(depth)
@@ -136,9 +135,10 @@ class MappingPipeline:
             raise ValueError(f"camera_info: size {cam.width}x{cam.height} does not match image {depth.shape[1]}x{depth.shape[0]}")
         T = validate_pose(T, "pose")
         depth = depth.astype(np.float32, copy=False)
-        valid = np.isfinite(depth)
-        if not valid.any():
-            raise ValueError("depth: no valid pixels")
+        c = self.config
+        if count_fusable_depth(depth, c.stride, c.min_depth, c.max_depth) == 0:
+            raise ValueError(f"depth: no pixel of the stride-{c.stride} grid within [min_depth, max_depth] = "
+                             f"[{c.min_depth:g}, {c.max_depth:g}] m: nothing to fuse")
         # Decoded ROS payloads are read-only views of the message buffer; torch needs writable memory.
         return _writable(rgb), _writable(depth), T
 

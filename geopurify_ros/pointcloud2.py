@@ -5,6 +5,12 @@ structured dtype's order, ``point_step`` = dtype itemsize, ``row_step`` = point_
 (``is_bigendian`` set accordingly), ``is_dense`` False iff some x/y/z is NaN/inf.
 ``rgb`` is a float32 whose 4 bytes are the uint32 0x00RRGGBB, the packing RViz's "RGB8" colour transformer reads.
 ``from_msg`` reads either byte order, any field order/offsets, padding, count>1 fields and row padding.
+
+Multi-count fields (PointField ``count`` > 1): here they are one sub-array column (``cloud["normal"]`` is (N, 3)).
+``sensor_msgs_py.point_cloud2`` instead names the elements ``normal_0 .. normal_2`` (``read_points`` returns that,
+and ``create_cloud`` asserts the array has exactly that dtype). ``flat_fields(cloud)`` is a zero-copy view in
+sensor_msgs_py's layout, so ``create_cloud(header, to_msg(cloud, ...).fields, flat_fields(cloud))`` works and
+``flat_fields(from_msg(msg))`` equals ``read_points(msg)``. Clouds without count > 1 fields are the same in both.
 """
 from __future__ import annotations
 
@@ -119,6 +125,26 @@ def fields_of(dtype: np.dtype) -> list[Field]:
             raise ValueError(f"{name}: dtype {base} has no PointField datatype")
         out.append(Field(name, int(off), _PF_OF[key], count))
     return out
+
+
+def flat_fields(cloud: np.ndarray) -> np.ndarray:
+    """View of a structured array with each (k,) sub-array field split into scalar fields ``name_0 .. name_{k-1}``
+    at the same offsets (sensor_msgs_py's naming of PointField count > 1); other fields are unchanged."""
+    cloud = np.asarray(cloud)
+    dt = cloud.dtype
+    if dt.names is None:
+        raise ValueError(f"cloud: expected a structured array, got {dt}")
+    names, formats, offsets = [], [], []
+    for name in dt.names:
+        ft, off = dt.fields[name][:2]
+        count = int(np.prod(ft.shape)) if ft.shape else 1
+        for i in range(count):
+            names.append(f"{name}_{i}" if count > 1 else name)
+            formats.append(ft.base.str)
+            offsets.append(int(off) + i * ft.base.itemsize)
+    if len(set(names)) != len(names):
+        raise ValueError(f"cloud: splitting count > 1 fields gives duplicate names {names}")
+    return cloud.view(np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": dt.itemsize}))
 
 
 def _stamp_fields(stamp) -> tuple[int, int]:

@@ -8,6 +8,7 @@ so 0.5 means "as similar to the query as to the closest generic phrase" — a ba
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from typing import Sequence
 
 import torch
@@ -23,6 +24,9 @@ CLASS_ALIASES = {"otherfurniture": "furniture", "otherprop": "object", "otherstr
 # lseg: its head was trained with a softmax over cosines at tau = 0.07, so that is its label temperature.
 DEFAULT_QUERY_TEMPERATURE = {"lseg": 0.05, "conse": 0.05, "open_clip": 0.05}
 DEFAULT_LABEL_TEMPERATURE = {"lseg": 0.07, "conse": 0.05, "open_clip": 0.01}
+# Text embeddings kept (least recently used dropped first): every distinct free-text query adds one, and a
+# long-running node must not grow with the number of distinct queries it was asked.
+MAX_CACHED_TEXTS = 1024
 
 
 class TextScorer:
@@ -67,7 +71,7 @@ class TextScorer:
         self.templates = templates
         self.negatives = _dedupe(list(CANONICAL_NEGATIVES) + [n.strip() for n in (negatives or []) if n and n.strip()])
         self.chunk_size = int(chunk_size)
-        self._cache: dict[str, torch.Tensor] = {}     # text → (D,) embedding on backend.device
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()    # text → (D,) embedding, LRU order
         self._lock = threading.Lock()
         self.class_embeddings = self.embed([CLASS_ALIASES.get(c.lower(), c) for c in self.class_names])  # (C, D)
         support = getattr(backend, "support_embeddings", None) if debias else None
@@ -80,14 +84,21 @@ class TextScorer:
         """Texts → (N, D) prompt-ensembled, L2-normalised embeddings; each distinct text is encoded once."""
         texts = list(texts)
         with self._lock:
-            missing = _dedupe([t for t in texts if t not in self._cache])
+            missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+            new = {}
             if missing:
                 prompts = [tpl.format(t) for t in missing for tpl in self.templates]
                 emb = self.backend.encode_text(prompts).float()
                 emb = F.normalize(emb.view(len(missing), len(self.templates), -1).mean(1), dim=-1)
-                for t, e in zip(missing, emb):
-                    self._cache[t] = e
-            return torch.stack([self._cache[t] for t in texts])
+                new = {t: e.clone() for t, e in zip(missing, emb)}    # own storage, not views of `emb`
+            out = torch.stack([new[t] if t in new else self._cache[t] for t in texts])
+            for t in texts:
+                if t in new:
+                    self._cache[t] = new[t]
+                self._cache.move_to_end(t)
+            while len(self._cache) > MAX_CACHED_TEXTS:
+                self._cache.popitem(last=False)
+            return out
 
     # -- closed set --------------------------------------------------------------------------------
     def similarities(self, features: torch.Tensor) -> torch.Tensor:

@@ -121,12 +121,30 @@ def test_bad_input_raises():
         pc2.from_msg(msg)
 
 
+def test_flat_fields_is_sensor_msgs_py_layout_of_multi_count_fields():
+    cloud, _ = small_cloud(10)
+    flat = pc2.flat_fields(cloud)
+    assert flat.dtype.names == ("x", "y", "z", "rgb", "label", "score", "normal_0", "normal_1", "normal_2", "inst")
+    assert [flat.dtype.fields[f"normal_{i}"][1] for i in range(3)] == [22, 26, 30]
+    assert flat.dtype.itemsize == cloud.dtype.itemsize and np.shares_memory(flat, cloud)    # a view
+    for i in range(3):
+        np.testing.assert_array_equal(flat[f"normal_{i}"], cloud["normal"][:, i])
+    np.testing.assert_array_equal(flat["inst"], cloud["inst"])
+    plain = pc2.make_cloud(np.zeros((2, 3), np.float32), label=np.array([1, 2]))
+    assert pc2.flat_fields(plain).dtype == plain.dtype                  # nothing to split: same layout
+    # the flat layout written as count-1 fields reads back as the same bytes
+    back = pc2.from_msg(pc2.to_msg(flat, "map"))
+    assert back.tobytes() == cloud.tobytes() and "normal_1" in back.dtype.names
+
+
 def test_cross_check_sensor_msgs_py():
     point_cloud2 = pytest.importorskip("sensor_msgs_py.point_cloud2")
     cloud, _ = small_cloud(10)
     msg = pc2.to_msg(cloud, "map")
-    ref = point_cloud2.read_points(msg, field_names=("x", "y", "z", "label"))
-    np.testing.assert_array_equal(ref["x"], cloud["x"])
-    np.testing.assert_array_equal(ref["label"], cloud["label"])
-    ref_msg = point_cloud2.create_cloud(msg.header, msg.fields, cloud)
+    ref = point_cloud2.read_points(msg)                                 # every field, normal as normal_0..2
+    flat = pc2.flat_fields(pc2.from_msg(msg))
+    assert ref.dtype.names == flat.dtype.names
+    for name in flat.dtype.names:
+        np.testing.assert_array_equal(ref[name], flat[name])
+    ref_msg = point_cloud2.create_cloud(msg.header, msg.fields, pc2.flat_fields(cloud))
     assert pc2.from_msg(ref_msg).tobytes() == cloud.tobytes()

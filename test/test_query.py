@@ -95,6 +95,21 @@ def test_text_embeddings_cached_per_text(toy):
     assert toy.calls == calls + 1 and toy.encoded[-1] == "a photo of a sofa."   # only the new text
 
 
+def test_text_cache_is_bounded_least_recently_used_first(toy, monkeypatch):
+    import geopurify_ros.query as query
+    monkeypatch.setattr(query, "MAX_CACHED_TEXTS", 3)
+    s = TextScorer(toy, ["chair", "table"])
+    for text in ("a lamp", "one lamp", "big lamp", "red lamp", "the lamp"):   # distinct texts, same embedding
+        s.embed([text])
+    assert list(s._cache) == ["big lamp", "red lamp", "the lamp"]           # a long-running node does not grow
+    calls = toy.calls
+    s.embed(["big lamp"])                                   # cached; now the most recently used
+    assert toy.calls == calls
+    s.embed(["a lamp"])                                     # evicted earlier: encoded again, drops "red lamp"
+    assert toy.calls == calls + 1 and list(s._cache) == ["the lamp", "big lamp", "a lamp"]
+    torch.testing.assert_close(s.embed(["a lamp"]), s.embed(["the lamp"]))
+
+
 def test_bad_inputs(toy):
     with pytest.raises(ValueError, match="class_names"):
         TextScorer(toy, [])

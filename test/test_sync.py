@@ -99,3 +99,17 @@ def test_time_trigger_off_with_zero_interval():
     k.accept(0.0, np.eye(4))
     assert not k.is_keyframe(100.0, np.eye(4))
     assert rotation_angle_deg(np.eye(3), rot_z(30)[:3, :3]) == pytest.approx(30)
+
+
+def test_every_discarded_message_is_reported_with_a_reason():
+    details = []
+    s = ApproximateTimeSync(lambda a, b: None, slop=2, queue_size=2, on_drop=details.append)
+    ns = 1_700_000_000_000_000_000                   # integer nanosecond stamps, slop in the same unit
+    for k in range(4):
+        s.add(0, ns + 100 * k, f"c{k}")              # 2 overflow the queue
+    assert s.add(1, ns + 301, "d")                   # pairs with c3, supersedes nothing left
+    s.add(1, ns + 5, "late")                         # older than the pair
+    assert s.dropped == len(details) == 4
+    assert sum("overflowed" in d for d in details) == 2
+    assert any("not after the last pair" in d for d in details)
+    assert any("superseded" in d for d in details)

@@ -13,6 +13,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from geopurify_ros.ros_time import stamp_to_ns
+
 # Default topic names (docs/ARCHITECTURE.md) and their message types.
 COLOR_TOPIC = "/camera/color/image_raw"
 DEPTH_TOPIC = "/camera/depth/image_raw"
@@ -165,8 +167,7 @@ def header(stamp_ns: int, frame_id: str):
 
 def stamp_ns_of(msg) -> int:
     """Header stamp of a message in integer nanoseconds."""
-    s = msg.header.stamp
-    return int(s.sec) * 1_000_000_000 + int(s.nanosec)
+    return stamp_to_ns(msg.header.stamp)
 
 
 def image_msg(stamp_ns: int, frame_id: str, encoding: str, height: int, width: int, step: int, data: bytes):

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from geopurify_ros.ros_time import stamp_to_sec
+from geopurify_ros.ros_time import NS_PER_S, stamp_to_ns, stamp_to_sec
 
 
 class BagError(ValueError):
@@ -212,14 +212,18 @@ class BagSource:
             for topic, mtype, _, raw in self._messages([t.pose]):
                 msg = self._decode(raw, mtype, topic)
                 frame = msg.header.frame_id.lstrip("/")
-                if frame and t.map_frame and frame != t.map_frame.lstrip("/"):
+                if t.map_frame and frame != t.map_frame.lstrip("/"):     # the node's rule: empty is wrong too
                     raise BagError(f"bag {self.path}: pose on {topic} is in frame '{frame}', expected map_frame "
                                     f"'{t.map_frame}' (set --topics map_frame=...)")
                 pose = msg.pose if self.pose_kind == "pose" else msg.pose.pose
-                T = pose_msg_to_matrix(pose)
+                try:
+                    T = pose_msg_to_matrix(pose)
+                except ValueError as exc:
+                    raise BagError(f"bag {self.path}: pose on {topic} at {stamp_to_sec(msg.header.stamp):.3f}: "
+                                   f"{exc}") from None
                 if self.pose_kind == "odometry":
                     T = T @ T_base_cam
-                stamps.append(stamp_to_sec(msg.header.stamp))
+                stamps.append(stamp_to_ns(msg.header.stamp))
                 mats.append(T)
         order = np.argsort(stamps, kind="stable")
         last = -np.inf
@@ -227,7 +231,7 @@ class BagSource:
         for i in order:
             if stamps[i] > last:           # the buffer rejects duplicate stamps, as the node does
                 buf.add(stamps[i], mats[i])
-                self._pose_samples[0].append(float(stamps[i]))
+                self._pose_samples[0].append(stamps[i] / NS_PER_S)
                 self._pose_samples[1].append(mats[i])
                 last = stamps[i]
         if len(buf) == 0:
@@ -240,22 +244,26 @@ class BagSource:
         self.poses()
         return self._pose_samples
 
-    def _tf_poses(self) -> tuple[list[float], list[np.ndarray]]:
+    def _tf_poses(self) -> tuple[list[int], list[np.ndarray]]:
         """map_frame <- camera_frame from /tf (+ /tf_static), sampled at each dynamic transform stamp."""
         from geopurify_ros.node.pose_source import transform_msg_to_matrix
 
         t = self.topics
         static: dict[str, tuple[str, np.ndarray]] = {}
-        dynamic: dict[str, list[tuple[float, str, np.ndarray]]] = {}
+        dynamic: dict[str, list[tuple[int, str, np.ndarray]]] = {}
         for topic, mtype, _, raw in self._messages([t.pose, "/tf_static"]):
             msg = self._decode(raw, mtype, topic)
             for tr in msg.transforms:
                 child, parent = tr.child_frame_id.lstrip("/"), tr.header.frame_id.lstrip("/")
-                T = transform_msg_to_matrix(tr.transform)
+                try:
+                    T = transform_msg_to_matrix(tr.transform)
+                except ValueError as exc:
+                    raise BagError(f"bag {self.path}: transform {tr.header.frame_id} -> {tr.child_frame_id} on "
+                                   f"{topic}: {exc}") from None
                 if topic == "/tf_static":
                     static[child] = (parent, T)
                 else:
-                    dynamic.setdefault(child, []).append((stamp_to_sec(tr.header.stamp), parent, T))
+                    dynamic.setdefault(child, []).append((stamp_to_ns(tr.header.stamp), parent, T))
         cam = t.camera_frame.lstrip("/") or self._first_color_frame()
         # Walk up from the camera to the map; all dynamic links in the chain are sampled at the stamps
         # of the first dynamic one (typical bags: one moving link, e.g. map->base or odom->base).
@@ -276,7 +284,7 @@ class BagSource:
         if not dyn_links:
             raise BagError(f"bag {self.path}: the TF path {t.map_frame} -> {cam} never moves (only /tf_static)")
         series = {f: (np.array([s for s, _, _ in dynamic[f]]), [T for _, _, T in dynamic[f]]) for f in dyn_links}
-        stamps = list(series[dyn_links[0]][0])
+        stamps = [int(v) for v in series[dyn_links[0]][0]]
         mats = []
         for s in stamps:
             T = np.eye(4)
@@ -336,7 +344,7 @@ class BagSource:
                 self.skipped["no_camera_info"] += 1
                 continue
             try:
-                T = poses.lookup(color[0])
+                T = poses.lookup(stamp_to_ns(color[1].header.stamp))
             except PoseLookupError:
                 self.skipped["no_pose"] += 1
                 continue

@@ -10,6 +10,7 @@ responsive meanwhile. See docs/NODE.md for topics, parameters and services.
 """
 from __future__ import annotations
 
+import signal
 import sys
 import threading
 import time
@@ -33,17 +34,20 @@ from geopurify_ros.srv import MapFile, TextQuery
 
 from geopurify_ros.node import msg_convert as mc
 from geopurify_ros.node import params as node_params
+from geopurify_ros.node.heap import fix_mmap_threshold
 from geopurify_ros.node.pose_source import (MessagePoseSource, PoseBuffer, PoseLookupError, TfPoseSource,
                                             TfUnavailable, extrinsic_from_param)
 from geopurify_ros.node.sync import ApproximateTimeSync, KeyframeSelector
+from geopurify_ros.node.time_guard import TimeJumpGuard
 from geopurify_ros.palette import colorize
+from geopurify_ros.ros_time import NS_PER_S, ns_to_stamp, sec_to_ns, stamp_to_ns
 
 NODE_NAME = "geopurify_mapping"
 
 
 @dataclass
 class Keyframe:
-    stamp: float
+    stamp_ns: int          # the colour image's header stamp, exactly
     rgb: np.ndarray
     depth: np.ndarray
     cam: Any
@@ -55,7 +59,7 @@ class MapWorker:
     """Runs pipeline work off the executor: keyframes (bounded, drop-oldest) and purify requests."""
 
     def __init__(self, pipeline: Any, queue_size: int, on_drop: Callable[[str, str], None],
-                 on_cloud: Callable[[np.ndarray, float], None]) -> None:
+                 on_cloud: Callable[[np.ndarray, int | None], None]) -> None:
         self.pipeline = pipeline
         self.on_drop = on_drop
         self.on_cloud = on_cloud
@@ -66,7 +70,7 @@ class MapWorker:
         self._purify_requested = False
         self._stop = False
         self.changed = False
-        self.last_stamp: float | None = None
+        self.last_stamp_ns: int | None = None      # newest fused frame: the cloud's stamp
         self.stats = Counter()
         self.timings = {"frame_ms": 0.0, "purify_ms": 0.0, "cloud_ms": 0.0, "queue_wait_ms": 0.0}
         self._thread = threading.Thread(target=self._run, name="geopurify_worker", daemon=True)
@@ -77,7 +81,7 @@ class MapWorker:
             self._frames.append(frame)
             while len(self._frames) > self._queue_size:
                 old = self._frames.popleft()
-                self.on_drop("queue_full", f"worker busy, dropped keyframe {old.stamp:.3f}")
+                self.on_drop("queue_full", f"worker busy, dropped keyframe {old.stamp_ns / NS_PER_S:.3f}")
             self._cv.notify()
 
     def request_purify(self) -> None:
@@ -126,10 +130,11 @@ class MapWorker:
     def _fuse(self, frame: Keyframe) -> None:
         t0 = time.monotonic()
         self.timings["queue_wait_ms"] = (t0 - frame.t_in) * 1e3
-        self.pipeline.process_frame(frame.rgb, frame.depth, frame.cam, frame.T_world_cam, frame.stamp)
+        self.pipeline.process_frame(frame.rgb, frame.depth, frame.cam, frame.T_world_cam,
+                                    frame.stamp_ns / NS_PER_S)
         self.timings["frame_ms"] = (time.monotonic() - t0) * 1e3
         self.stats["frames_fused"] += 1
-        self.last_stamp = frame.stamp
+        self.last_stamp_ns = frame.stamp_ns
         self.changed = True
 
     def _purify_and_publish(self) -> None:
@@ -144,7 +149,7 @@ class MapWorker:
         self.timings["purify_ms"] = (t1 - t0) * 1e3
         self.timings["cloud_ms"] = (time.monotonic() - t1) * 1e3
         self.stats["purify_runs"] += 1
-        self.on_cloud(cloud, self.last_stamp if self.last_stamp is not None else time.time())
+        self.on_cloud(cloud, self.last_stamp_ns)
 
 
 LATCHED_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -156,12 +161,15 @@ class MappingNode(Node):
     def __init__(self, pipeline: Any = None, **kwargs: Any) -> None:
         super().__init__(NODE_NAME, **kwargs)
         self.pcfg, self.cfg = node_params.split_params(node_params.declare_and_read(self))  # ValueError names it
-        self.counters: Counter = Counter({f"dropped.{r}": 0 for r in mc.DROP_REASONS})
+        self.counters: Counter = Counter({k: 0 for k in ("frames_in", "keyframes", "skipped_not_keyframe",
+                                                         "clouds_published", "time_jumps")})
+        self.counters.update({f"dropped.{r}": 0 for r in mc.DROP_REASONS})
         self._last_warn: dict[str, float] = {}
         self._count_lock = threading.Lock()
         self.cam = None
         self.keyframes = KeyframeSelector(self.cfg.keyframe_min_translation_m, self.cfg.keyframe_min_rotation_deg,
                                           self.cfg.keyframe_max_interval_s)
+        self.time_guard = TimeJumpGuard(sec_to_ns(self.cfg.max_time_jump_s), self._on_time_jump)
         self._groups = {k: MutuallyExclusiveCallbackGroup() for k in ("sensors", "services", "timers")}
         self.poses = self._make_pose_source()            # before the pipeline: a missing tf2_ros fails fast
         if pipeline is None:
@@ -232,11 +240,44 @@ class MappingNode(Node):
             self._mf_sync = message_filters.ApproximateTimeSynchronizer(subs, cfg.sync_queue_size, cfg.sync_slop_s)
             self._mf_sync.registerCallback(self._on_rgbd)
             return "message_filters"
-        self._sync = ApproximateTimeSync(self._on_rgbd, cfg.sync_slop_s, cfg.sync_queue_size)
-        for i, topic in enumerate((cfg.color_topic, cfg.depth_topic)):
-            self.create_subscription(image_type, topic, lambda m, i=i: self._sync.add(
-                i, mc.stamp_to_sec(m.header.stamp), m), qos, callback_group=group)
+        self._sync = ApproximateTimeSync(self._on_rgbd, sec_to_ns(cfg.sync_slop_s), cfg.sync_queue_size,
+                                         on_drop=lambda detail: self._drop("sync_unmatched", detail))
+        for i, (stream, topic) in enumerate((("colour", cfg.color_topic), ("depth", cfg.depth_topic))):
+            self.create_subscription(image_type, topic, lambda m, i=i, stream=stream: self._on_image(i, stream, m),
+                                     qos, callback_group=group)
         return "builtin"
+
+    def _check_time(self, stream: str, stamp_ns: int) -> bool:
+        """Time-jump handling before a stamped message touches any state; False: dropped (far future)."""
+        try:
+            self.time_guard.check(stream, stamp_ns, self.get_clock().now().nanoseconds)
+        except mc.FrameRejected as exc:
+            self._drop(exc.reason, exc.detail)
+            return False
+        return True
+
+    def _on_time_jump(self, reason: str) -> None:
+        self.get_logger().warning(f"{reason}: clearing the pose buffer, the synchroniser and the keyframe gate")
+        self._clear_inputs()
+        self.counters["time_jumps"] += 1
+
+    def _clear_inputs(self) -> None:
+        """Forget every time-ordered input state: poses, unpaired images, the keyframe gate."""
+        self.poses.clear()
+        sync = getattr(self, "_sync", None)
+        if sync is not None:
+            sync.reset()
+        mf = getattr(self, "_mf_sync", None)
+        if mf is not None and hasattr(mf, "queues"):      # message_filters' TimeSynchronizer state
+            with mf.lock:
+                for q in mf.queues:
+                    q.clear()
+        self.keyframes.reset()
+
+    def _on_image(self, stream_index: int, stream: str, msg: Any) -> None:
+        stamp_ns = stamp_to_ns(msg.header.stamp)
+        if self._check_time(stream, stamp_ns):
+            self._sync.add(stream_index, stamp_ns, msg)
 
     def _on_info(self, msg: Any) -> None:
         try:
@@ -246,49 +287,58 @@ class MappingNode(Node):
 
     def _on_pose(self, msg: Any) -> None:
         try:
-            self.poses.on_message(msg)
+            stamp_ns = stamp_to_ns(msg.header.stamp)
+            if self._check_time("pose", stamp_ns):
+                self.poses.on_message(msg)
         except PoseLookupError as exc:
             self._drop(exc.reason, exc.detail)
 
     def _on_rgbd(self, color: Any, depth: Any) -> None:
         t_in = time.monotonic()
         self.counters["frames_in"] += 1
-        stamp = mc.stamp_to_sec(color.header.stamp)
+        stamp_ns = stamp_to_ns(color.header.stamp)
+        if not self._check_time("rgbd", stamp_ns):
+            return
+        p = self.pcfg
         try:
-            rgb, d = mc.decode_rgbd(color, depth, self.cam, self.cfg.color_encoding, self.cfg.depth_encoding)
-            T = self.poses.lookup(stamp, self.cfg.camera_frame or color.header.frame_id)
+            rgb, d = mc.decode_rgbd(color, depth, self.cam, self.cfg.color_encoding, self.cfg.depth_encoding,
+                                    (p.stride, p.min_depth, p.max_depth))
+            T = self.poses.lookup(stamp_ns, self.cfg.camera_frame or color.header.frame_id)
         except (mc.FrameRejected, PoseLookupError) as exc:
             self._drop(exc.reason, exc.detail)
             return
         except Exception as exc:  # never let a message kill the node
             self._drop("bad_data", f"{type(exc).__name__}: {exc}")
             return
-        if not self.keyframes.is_keyframe(stamp, T):
+        stamp_s = stamp_ns / NS_PER_S
+        if not self.keyframes.is_keyframe(stamp_s, T):
             self.counters["skipped_not_keyframe"] += 1
             return
-        self.keyframes.accept(stamp, T)
+        self.keyframes.accept(stamp_s, T)
         self.counters["keyframes"] += 1
-        self.worker.submit(Keyframe(stamp, rgb, d, self.cam, T, t_in))
+        self.worker.submit(Keyframe(stamp_ns, rgb, d, self.cam, T, t_in))
 
     def _drop(self, reason: str, detail: str) -> None:
         with self._count_lock:                      # called from executor threads and the worker
             self.counters[f"dropped.{reason}"] += 1
-        now = time.monotonic()
-        if now - self._last_warn.get(reason, -1e9) >= self.cfg.warn_throttle_s:
-            self._last_warn[reason] = now
-            self.get_logger().warning(f"dropped ({reason}, {self.counters[f'dropped.{reason}']} so far): {detail}")
+            count = self.counters[f"dropped.{reason}"]
+            now = time.monotonic()
+            warn = now - self._last_warn.get(reason, -1e9) >= self.cfg.warn_throttle_s
+            if warn:
+                self._last_warn[reason] = now
+        if warn:
+            self.get_logger().warning(f"dropped ({reason}, {count} so far): {detail}")
 
     # ------------------------------------------------------------------ outputs
-    def _publish_cloud(self, cloud: np.ndarray, stamp: float) -> None:
+    def _publish_cloud(self, cloud: np.ndarray, stamp_ns: int | None) -> None:
+        """Stamp = the newest fused frame's stamp, exactly (the node clock while nothing was fused)."""
         if self.cfg.cloud_color == "semantic":
             cloud = colorize(cloud, len(self.pipeline.class_names))
-        self.cloud_pub.publish(mc.cloud_to_msg(cloud, self.cfg.map_frame, mc.sec_to_stamp(stamp)))
+        stamp = self.get_clock().now().to_msg() if stamp_ns is None else ns_to_stamp(stamp_ns)
+        self.cloud_pub.publish(mc.cloud_to_msg(cloud, self.cfg.map_frame, stamp))
         self.counters["clouds_published"] += 1
 
     def diagnostics(self) -> dict[str, Any]:
-        sync = getattr(self, "_sync", None)          # built-in synchroniser: unpaired / superseded images
-        if sync is not None:
-            self.counters["dropped.sync_unmatched"] = sync.dropped
         values: dict[str, Any] = dict(sorted(self.counters.items()))
         values["dropped_total"] = sum(v for k, v in self.counters.items() if k.startswith("dropped."))
         values["frames_fused"] = self.worker.stats["frames_fused"]
@@ -358,9 +408,12 @@ class MappingNode(Node):
             with self.worker.exec_lock:
                 self.worker.clear()
                 self.pipeline.reset()
-                self.keyframes.reset()
+                self._clear_inputs()
+                self.time_guard.reset()
+                self.worker.last_stamp_ns = None
                 self.worker.mark_changed()
-            response.success, response.message = True, "map cleared"
+            response.success, response.message = True, \
+                "cleared the map, the keyframe queue, the keyframe gate, the pose buffer and the synchroniser"
         except Exception as exc:
             response.success, response.message = False, f"{type(exc).__name__}: {exc}"
         return response
@@ -398,7 +451,43 @@ def translate_args(argv: list[str]) -> list[str]:
     return extra + out
 
 
+class _StopSignals:
+    """SIGINT/SIGTERM handler that only records the request; it never raises.
+
+    rclpy's own handler (installed by rclpy.init on top of this one, which it chains to) shuts the
+    context down, so `spin()` returns. Python's default handler raised KeyboardInterrupt wherever the
+    main thread was: `ros2 launch` forwards SIGINT to a node whose process group already got one from
+    the terminal, and that second one landed in destroy_node() (traceback, exit -2)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+
+def _startup_error(message: str, status: int) -> int:
+    print(f"[{NODE_NAME}] startup error: {message}", file=sys.stderr)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the node; exit status 0 on a clean stop (SIGINT/SIGTERM), 2 on a bad parameter / argument, 1 on
+    another startup failure (e.g. a missing checkpoint)."""
+    fix_mmap_threshold()                   # before the big allocations: keeps RSS flat over long runs
+    stop = _StopSignals()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    try:
+        return _run(argv, stop)
+    finally:
+        # Python resets its handlers to the default (die by signal: exit -2 / -15) while it finalizes,
+        # which takes a moment with torch loaded; ignored signals stay ignored through that.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def _run(argv: list[str] | None, stop: _StopSignals) -> int:
     import rclpy
     from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 
@@ -407,25 +496,30 @@ def main(argv: list[str] | None = None) -> int:
         if a == "--params-file":
             from pathlib import Path
             if not Path(args[i + 1]).is_file():
-                print(f"[{NODE_NAME}] startup error: params file: {args[i + 1]} does not exist", file=sys.stderr)
-                return 2
-    rclpy.init(args=[sys.argv[0]] + args)
+                return _startup_error(f"params file: {args[i + 1]} does not exist", 2)
     try:
+        rclpy.init(args=[sys.argv[0]] + args)
+    except Exception as exc:                         # e.g. unparsable --ros-args
+        return _startup_error(f"{type(exc).__name__}: {exc}", 2)
+    try:
+        executor = MultiThreadedExecutor(num_threads=4)
         node = MappingNode()
-    except (ValueError, TfUnavailable) as exc:      # bad parameter / missing tf2_ros: name it, exit 2
-        print(f"[{NODE_NAME}] startup error: {exc}", file=sys.stderr)
+    except Exception as exc:
         rclpy.try_shutdown()
-        return 2
-    except Exception as exc:                         # e.g. missing checkpoint / backend weights
-        print(f"[{NODE_NAME}] startup error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        rclpy.try_shutdown()
-        return 1
-    executor = MultiThreadedExecutor(num_threads=4)
-    executor.add_node(node)
+        if stop.requested:                           # stopped while starting: rclpy shut the context down
+            return 0
+        if isinstance(exc, (ValueError, TfUnavailable)):  # bad parameter / missing tf2_ros: name it, exit 2
+            return _startup_error(str(exc), 2)
+        return _startup_error(f"{type(exc).__name__}: {exc}", 1)  # e.g. missing checkpoint / backend weights
     try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
+        if not stop.requested:
+            executor.add_node(node)
+            executor.spin()                          # returns once a signal shut the context down
+    except ExternalShutdownException:
         pass
+    except Exception:
+        if not stop.requested:                       # else: the context went away under the requested stop
+            raise
     finally:
         executor.shutdown(timeout_sec=1.0)
         node.destroy_node()

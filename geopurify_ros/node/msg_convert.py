@@ -12,7 +12,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from geopurify_ros import image_codec
-from geopurify_ros.camera import CameraModel
+from geopurify_ros.camera import CameraModel, count_fusable_depth
 from geopurify_ros.ros_time import sec_to_stamp, stamp_to_sec  # noqa: F401  (part of this module's API)
 
 COLOR_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8")
@@ -23,6 +23,7 @@ DROP_REASONS = (
     "bad_encoding", "bad_data", "size_mismatch", "invalid_depth", "no_camera_info", "bad_camera_info",
     "camera_info_mismatch", "no_pose", "pose_stale", "pose_out_of_order", "pose_invalid",
     "pose_wrong_frame", "no_camera_frame", "sync_unmatched", "queue_full", "worker_error",
+    "depth_out_of_range", "stamp_future",
 )
 
 
@@ -76,8 +77,12 @@ def camera_info_to_model(msg: Any) -> CameraModel:
 
 
 def decode_rgbd(color_msg: Any, depth_msg: Any, cam: CameraModel | None, color_encoding: str = "",
-                depth_encoding: str = "") -> tuple[np.ndarray, np.ndarray]:
-    """Validate and decode one synchronised pair; FrameRejected on any problem (nothing is fused then)."""
+                depth_encoding: str = "", depth_range: tuple[int, float, float] | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Validate and decode one synchronised pair; FrameRejected on any problem (nothing is fused then).
+
+    `depth_range` = (stride, min_depth, max_depth) of the fusion: a frame none of whose stride-grid
+    pixels lies in that range would fuse nothing, so it is rejected (`depth_out_of_range`)."""
     if cam is None:
         raise FrameRejected("no_camera_info", "no CameraInfo received yet")
     if (color_msg.height, color_msg.width) != (depth_msg.height, depth_msg.width):
@@ -90,6 +95,10 @@ def decode_rgbd(color_msg: Any, depth_msg: Any, cam: CameraModel | None, color_e
     depth = decode_depth_msg(depth_msg, depth_encoding)
     if not np.isfinite(depth).any():
         raise FrameRejected("invalid_depth", "depth image has no valid pixel")
+    if depth_range is not None and count_fusable_depth(depth, *depth_range) == 0:
+        stride, lo, hi = depth_range
+        raise FrameRejected("depth_out_of_range", f"no depth pixel (stride {stride}) within [min_depth, max_depth] = "
+                            f"[{lo:g}, {hi:g}] m (check the depth encoding / units)")
     return rgb, depth
 
 

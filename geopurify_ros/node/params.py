@@ -38,6 +38,7 @@ class NodeConfig(ParamConfig):
     sync_queue_size: int = 10
     pose_max_age_s: float = 0.1
     pose_buffer_s: float = 5.0
+    max_time_jump_s: float = 2.0
     keyframe_min_translation_m: float = 0.05
     keyframe_min_rotation_deg: float = 5.0
     keyframe_max_interval_s: float = 1.0
@@ -70,6 +71,7 @@ class NodeConfig(ParamConfig):
         need(self.sync_queue_size >= 1, "sync_queue_size", "must be >= 1")
         need(self.pose_max_age_s > 0, "pose_max_age_s", "must be > 0")
         need(self.pose_buffer_s > 0, "pose_buffer_s", "must be > 0")
+        need(self.max_time_jump_s > 0, "max_time_jump_s", "must be > 0")
         need(self.keyframe_min_translation_m >= 0, "keyframe_min_translation_m", "must be >= 0")
         need(0 <= self.keyframe_min_rotation_deg <= 180, "keyframe_min_rotation_deg", "must be in [0, 180]")
         need(self.keyframe_max_interval_s >= 0, "keyframe_max_interval_s", "must be >= 0 (0 = no time trigger)")
@@ -135,6 +137,9 @@ _NODE_DOC = {
     "sync_queue_size": ("Unmatched messages kept per stream by the synchroniser", (1, 1000)),
     "pose_max_age_s": ("Reject frames whose nearest pose is farther than this [s]", (1e-6, 60.0)),
     "pose_buffer_s": ("History of poses kept for stamp lookups [s]", (1e-3, 600.0)),
+    "max_time_jump_s": ("Stamps further ahead of the node clock are dropped (stamp_future); a stream stepping "
+                        "back further, or the clock going back, clears poses, sync and keyframe gate [s]",
+                        (1e-3, 1e9)),
     "keyframe_min_translation_m": ("Keyframe when moved at least this far since the last one [m]", (0.0, 100.0)),
     "keyframe_min_rotation_deg": ("Keyframe when rotated at least this much since the last one [deg]", (0.0, 180.0)),
     "keyframe_max_interval_s": ("Keyframe at least this often regardless of motion [s] (0 = off)", (0.0, 3600.0)),
