@@ -236,6 +236,7 @@ def backproject(depth, cam: CameraModel, T_world_cam, stride: int = 1, min_depth
 def backproject_grid(depth, cam: CameraModel, T_world_cam, stride: int = 1, min_depth: float = 0.1,
                      max_depth: float = 8.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """As ``backproject``, but returns the points' indices into ``stride_grid`` (N,) long instead of pixels.
+    The (N, 3) points are a view of channel-major (3, N) storage (elementwise results keep that layout).
 
     Callers that need per-pixel quantities of the grid (colours, sampling coefficients) index cached grid tables
     with them, which is cheaper than recomputing those from (row, col) for every frame.
@@ -266,9 +267,10 @@ def backproject_grid(depth, cam: CameraModel, T_world_cam, stride: int = 1, min_
     zv = z.reshape(-1).index_select(0, idx)
     xn, yn = ray_grid.index_select(0, idx).unbind(1)
     x, y = xn * zv, yn * zv
-    # Row-by-row affine map: a (N,3)@(3,3) matmul is slower than 3 fused multiply-adds per output on CPU.
+    # Row-by-row affine map: a (N,3)@(3,3) matmul is slower than 3 fused multiply-adds per output on CPU. Stored
+    # channel-major ((3, N) memory, returned as its (N, 3) transpose): each coordinate is one contiguous row.
     points = torch.stack([torch.addcmul(torch.addcmul(zv * R[i, 2] + t[i], x, R[i, 0]), y, R[i, 1])
-                          for i in range(3)], dim=1)
+                          for i in range(3)], dim=0).t()
     return points, idx, zv
 
 

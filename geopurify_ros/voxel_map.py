@@ -55,16 +55,17 @@ def voxel_coords(points: torch.Tensor, voxel_size: float) -> tuple[torch.Tensor,
     return ijk.clamp_(KEY_MIN, KEY_MAX).to(torch.int64), ok
 
 
-def _group_pairs(ijk: torch.Tensor, cell: torch.Tensor, ncell: int):
+def _group_pairs(ijk: torch.Tensor, cell: torch.Tensor, ncell: int, bounds=None):
     """Group points by (voxel, cell) with one sort.
 
-    Args: ijk (N,3) int64 voxel coords, cell (N,) int64 in [0, ncell).
+    Args: ijk (N,3) int64 voxel coords, cell (N,) int64 in [0, ncell); bounds: per-axis (min, max) (3,) int64 of
+    ijk when the caller has them.
     Returns: ukeys (M,) sorted unique voxel keys, pvox (P,) voxel index of each pair (non-decreasing),
     pcell (P,) cell of each pair, pinv (N,) pair index of each point.
     Voxel coords are re-indexed relative to the frame's bounding box so (voxel, cell) fits one int64 whose order
     is the voxel-key order (both lexicographic in i, j, k); the global keys are only formed for the M voxels.
     """
-    lo, hi = ijk.aminmax(dim=0)
+    lo, hi = ijk.aminmax(dim=0) if bounds is None else bounds
     si, sj, sk = (hi - lo + 1).tolist()
     if si * sj * sk * ncell < 2 ** 62:
         # int32 pair keys when the frame's box fits (cheaper sort); same order either way.
@@ -218,8 +219,9 @@ class VoxelMap:
             return
         cap = min(max(needed, 2 * self._cap, _INITIAL_CAPACITY), self.max_voxels)
         for name, buf in self._buf.items():
-            # Rows beyond len are always written (insert) before they are read: no need to zero them.
-            new = torch.empty((cap, *buf.shape[1:]), dtype=buf.dtype, device=self.device)
+            # zeros, not empty: the pages are touched (faulted in) now, in the one frame that grows the map, instead
+            # of a few at a time in every later frame that inserts voxels.
+            new = torch.zeros((cap, *buf.shape[1:]), dtype=buf.dtype, device=self.device)
             new[: self._n] = buf[: self._n]
             self._buf[name] = new
         self._cap = cap
@@ -484,13 +486,15 @@ class VoxelMap:
         points, gidx, z = backproject_grid(depth, cam, T, stride, min_depth, max_depth)
         w = (1.0 / (z * z)) if weighting == "depth" else torch.ones_like(z)
         q = torch.floor(points / self.voxel_size)
-        qmin, qmax = q.aminmax() if q.numel() else (q.new_zeros(()), q.new_zeros(()))
-        if float(qmin) >= KEY_MIN and float(qmax) <= KEY_MAX:  # common case: whole frame in range, no mask
-            ijk = q.to(torch.int64)
+        bounds = q.aminmax(dim=0) if q.numel() else None   # per axis; NaN-free (depth was range-checked)
+        if bounds is not None and float(bounds[0].min()) >= KEY_MIN and float(bounds[1].max()) <= KEY_MAX:
+            ijk = q.to(torch.int64)            # common case: whole frame in range, no mask
+            bounds = (bounds[0].to(torch.int64), bounds[1].to(torch.int64))
         else:
             ijk, ok = voxel_coords(points, self.voxel_size)
             sel = ok.nonzero().squeeze(1)
             points, gidx, w, ijk = points[sel], gidx[sel], w[sel], ijk[sel]
+            bounds = None
         origin = torch.as_tensor(T[:3, 3], dtype=torch.float32, device=dev)
         if points.shape[0] == 0:
             self._origin = origin
@@ -501,9 +505,9 @@ class VoxelMap:
         flat, cell_grid, frac_grid = _sample_grid(cam, stride, h, wf, dev)
         cell0 = cell_grid.index_select(0, gidx)
         ax, ay = frac_grid.index_select(0, gidx).unbind(1)
-        ukeys, pvox, pcell, pinv = _group_pairs(ijk, cell0, hw)
+        ukeys, pvox, pcell, pinv = _group_pairs(ijk, cell0, hw, bounds)
         m = ukeys.numel()
-        colors = rgb.reshape(-1, 3).index_select(0, flat.index_select(0, gidx)).to(torch.float32)
+        colors = rgb.reshape(-1, 3).index_select(0, flat.index_select(0, gidx))   # uint8; promoted in the product
         # Channel-major (10, N) sums: index_add_ along dim 1 is one vectorised pass (dim 0 of a (N, 10) tensor costs
         # one kernel launch per row on CPU). Rows: w, w*ax, w*ay, w*ax*ay, w*xyz, w*rgb.
         per_point = torch.empty((10, w.numel()), device=dev)
@@ -568,14 +572,15 @@ class VoxelMap:
         scale = 1.0 / w1
         a = torch.zeros(m, device=self.device)
         a[oi] = w0 / w1[oi]
-        if n_old:
+        if n_old:   # index_select / index_copy_: cheaper on CPU than advanced indexing for these narrow rows
             a_old, c = a[oi, None], scale[oi, None]
-            b["xyz"][s] = b["xyz"][s] * a_old + xsum[oi] * c
-            b["colors"][s] = (b["colors"][s].float() * a_old + csum[oi] * c).round_().clamp_(0, 255).to(torch.uint8)
-            b["weights"][s] = w1[oi]
-            b["counts"][s] += cnt[oi]
-            b["last_seen"][s] = stamp
-            b["dirty"][s] = True
+            b["xyz"].index_copy_(0, s, b["xyz"].index_select(0, s) * a_old + xsum[oi] * c)
+            b["colors"].index_copy_(0, s, (b["colors"].index_select(0, s) * a_old + csum[oi] * c)
+                                    .round_().clamp_(0, 255).to(torch.uint8))
+            b["weights"].index_copy_(0, s, w1[oi])
+            b["counts"].index_add_(0, s, cnt[oi])
+            b["last_seen"].index_fill_(0, s, stamp)
+            b["dirty"].index_fill_(0, s, True)
         nxyz = xsum[ni] * scale[ni, None]
         need = self._n + k - self.max_voxels
         evicted = 0
