@@ -1,7 +1,7 @@
 """Benchmark text queries over a 200k-voxel, 384-d map: TextScorer.query, MappingPipeline.query, and how long a
 query waits for the map lock while a purification pass runs.
 
-    python bench/bench_query.py [--voxels 200000] [--repeats 7] [--threads 1] [--backend conse]
+    python bench/bench_query.py [--voxels 200000] [--repeats 7] [--threads 1] [--backend conse] [--device cpu]
 
 Target: TextScorer.query <= 30 ms over 200k voxels (1 query + 4 canonical negatives, 1 CPU thread). The features
 are passed as the map stores them (float16); the query's text embedding is cached after its first use, so the
@@ -19,7 +19,12 @@ import time
 
 import torch
 
+from geopurify_ros import staged_map
+
 TARGET_MS = 30.0
+
+
+SYNC = [lambda: None]        # torch.cuda.synchronize when timing on CUDA
 
 
 def timed(fn, repeats: int) -> tuple[float, float, float]:
@@ -27,25 +32,27 @@ def timed(fn, repeats: int) -> tuple[float, float, float]:
     is the work itself, without the time a loaded machine spends running other processes."""
     ts, cs = [], []
     for _ in range(repeats):
+        SYNC[0]()
         t, c = time.perf_counter(), time.thread_time()
         fn()
+        SYNC[0]()
         ts.append((time.perf_counter() - t) * 1e3)
         cs.append((time.thread_time() - c) * 1e3)
     return statistics.median(ts), min(ts), statistics.median(cs)
 
 
-def synthetic_pipeline(n: int, backend: str):
+def synthetic_pipeline(n: int, backend: str, device: str = "cpu"):
     """A MappingPipeline whose map holds `n` voxels of room-like geometry with features near the class texts."""
     from geopurify_ros.config import PipelineConfig
     from geopurify_ros.pipeline import MappingPipeline
     from geopurify_ros.purify.scenes import large_scene
 
-    pipe = MappingPipeline(PipelineConfig(device="cpu", feature_backend=backend, max_voxels=2 * n))
+    pipe = MappingPipeline(PipelineConfig(device=device, feature_backend=backend, max_voxels=2 * n))
     s = large_scene(n, seed=0)
     g = torch.Generator().manual_seed(0)
     cls = pipe.scorer.class_embeddings
     mix = torch.randint(len(cls), (len(s.xyz),), generator=g)
-    feats = 0.8 * cls[mix] + 0.05 * torch.randn(len(s.xyz), cls.shape[1], generator=g)
+    feats = (0.8 * cls[mix].cpu() + 0.05 * torch.randn(len(s.xyz), cls.shape[1], generator=g)).to(pipe.device)
     pipe.voxel_map.fuse(s.xyz, feats, s.colors, stamp=0.0, sensor_origin=s.xyz.mean(0))
     return pipe
 
@@ -56,12 +63,15 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--backend", default="conse")
+    ap.add_argument("--device", default="cpu")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    pipe = synthetic_pipeline(a.voxels, a.backend)
+    if a.device.startswith("cuda"):
+        SYNC[0] = torch.cuda.synchronize
+    pipe = synthetic_pipeline(a.voxels, a.backend, a.device)
     n = len(pipe.voxel_map)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {os.cpu_count()} cores, load average "
+    print(f"torch {torch.__version__}, device {pipe.device}, threads {torch.get_num_threads()}, {os.cpu_count()} cores, load average "
           f"{load:.2f}; {n} voxels x {pipe.voxel_map.feature_dim}-d float16, backend {a.backend}, "
           f"{len(pipe.scorer.negatives)} canonical negatives")
     scorer = pipe.scorer
@@ -99,18 +109,35 @@ def main(argv=None) -> None:
         passes.append((time.perf_counter() - t0) * 1e3)
         done.set()
 
+    lock_waits = []
+
+    def probe():   # how long the read side of the map lock takes to get, every 5 ms during the pass
+        while not done.is_set():
+            t0 = time.perf_counter()
+            with pipe._lock.read():
+                lock_waits.append((time.perf_counter() - t0) * 1e3)
+            time.sleep(0.005)
+
     th = threading.Thread(target=purify)
     th.start()
     waits = []
     time.sleep(0.05)
+    prober = threading.Thread(target=probe)
+    prober.start()
     while not done.is_set():
         t0 = time.perf_counter()
         pipe.query("a chair", max_points=1000)
         waits.append((time.perf_counter() - t0) * 1e3 - idle)
     th.join()
+    prober.join()
     if waits:
         print(f"pipeline.query during a full purification pass ({passes[0]:.0f} ms): {len(waits)} queries, extra "
-              f"latency over an idle map: median {statistics.median(waits):.0f} ms, max {max(waits):.0f} ms")
+              f"latency over an idle map (includes sharing the CPU with the pass): median "
+              f"{statistics.median(waits):.0f} ms, max {max(waits):.0f} ms")
+    if lock_waits:
+        print(f"  map lock (read side) wait during the pass: {len(lock_waits)} probes, median "
+              f"{statistics.median(lock_waits):.2f} ms, max {max(lock_waits):.1f} ms (commit blocks of "
+              f"{staged_map.COMMIT_BLOCK_ROWS} rows)")
 
 
 if __name__ == "__main__":

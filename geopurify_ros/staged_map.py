@@ -86,10 +86,9 @@ class StagedMap:
             if name not in self.map.channel_names():
                 self.map.add_channel(name, shape, dtype, fill)
         for name, writes in self._writes.items():
-            view = self.map.channel(name)
             for slots, values in writes:
                 for i in range(0, slots.numel(), block_rows):
-                    view[slots[i:i + block_rows]] = values[i:i + block_rows]
+                    self.map.set_channel(name, slots[i:i + block_rows], values[i:i + block_rows])
                     yield
         if self._clear_dirty:
             self.map.clear_dirty()
