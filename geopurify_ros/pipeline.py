@@ -75,6 +75,7 @@ class MappingPipeline:
         self._version = 0                       # bumps on every map change; keys the label cache
         self._label_cache: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self._force_full = False                # next purify() must be a full pass (mode change, load)
+        self._full_requests = 0                 # counts _force_full requests: one made during a pass survives it
 
     # ----------------------------------------------------------------------------------------
     # construction helpers
@@ -159,6 +160,7 @@ class MappingPipeline:
             t0 = time.perf_counter()
             with self._lock.read():
                 full = self._force_full or not incremental
+                requests = self._full_requests
                 if self._staged is None or self._staged.map is not self.voxel_map:
                     self._staged = StagedMap(self.voxel_map)
                 staged = self._staged
@@ -169,7 +171,7 @@ class MappingPipeline:
             while more:
                 with self._lock.write():
                     more = next(blocks, _DONE) is not _DONE
-                    if not more:
+                    if not more and requests == self._full_requests:
                         self._force_full = False
                     self._version += 1
             self._stats.purify_runs += 1
@@ -186,6 +188,7 @@ class MappingPipeline:
             self.config.purify_mode = old
             raise
         self._force_full = True
+        self._full_requests += 1
 
     # ----------------------------------------------------------------------------------------
     # reading the map (callers hold the read side of the lock)
@@ -288,6 +291,7 @@ class MappingPipeline:
             self.voxel_map = new
             self._version += 1
             self._force_full = True
+            self._full_requests += 1
 
     def reset(self) -> None:
         with self._writers, self._lock.write():

@@ -156,3 +156,31 @@ def test_query_equals_reference_formula(pipe):
     labels_ref = (F.normalize(feats, dim=-1, eps=1e-6) @ pipe.scorer.class_embeddings.T
                   - pipe.scorer.class_bias).argmax(1)
     assert res.cloud["label"].tolist() == labels_ref[idx].tolist()
+
+
+def test_mode_change_during_a_pass_makes_the_next_pass_full(pipe):
+    pipe.purify()
+    pipe.process_frame(*frame(3))
+    computing, release = threading.Event(), threading.Event()
+    real = pipe.purifier.purify
+
+    def slow_purify(*args, **kwargs):
+        computing.set()
+        assert release.wait(10)
+        return real(*args, **kwargs)
+
+    pipe.purifier.purify = slow_purify
+    th = threading.Thread(target=pipe.purify)
+    th.start()
+    assert computing.wait(10)
+    pipe.set_purify_mode("purified")                     # arrives while the (pooled, incremental) pass computes
+    release.set()
+    th.join(30)
+    pipe.purifier.purify = real
+    # Until a pass in the new mode commits, readers see the raw fused features, not the old mode's output.
+    _, raw_scores = pipe.scorer.label(pipe.voxel_map.features)
+    _, pooled_scores = pipe.scorer.label(pipe.voxel_map.channel("purified"))
+    assert not torch.allclose(raw_scores, pooled_scores)
+    np.testing.assert_allclose(pipe.labelled_cloud()["score"], raw_scores.numpy(), rtol=1e-6)
+    out = pipe.purify(incremental=True)
+    assert out["stats"].mode == "purified" and not out["stats"].incremental and out["stats"].updated == len(pipe.voxel_map)
