@@ -33,6 +33,9 @@ from .rwlock import RWLock
 from .staged_map import StagedMap
 from .voxel_map import VoxelMap
 
+PURIFIED = "purified"           # the Purifier's output channel (PurifyConfig.output_channel)
+QUERY_STATS = "query_stats"     # per voxel: TextScorer.negative_stats of its purified row; NaN = to compute
+
 
 @dataclass
 class QueryResult:
@@ -97,8 +100,15 @@ class MappingPipeline:
 
     def _new_map(self) -> VoxelMap:
         c = self.config
-        return VoxelMap(voxel_size=c.voxel_size, feature_dim=self.backend.dim, max_voxels=c.max_voxels,
-                        eviction=c.eviction, device=self.device)
+        vm = VoxelMap(voxel_size=c.voxel_size, feature_dim=self.backend.dim, max_voxels=c.max_voxels,
+                      eviction=c.eviction, device=self.device)
+        self._fresh_query_stats(vm)
+        return vm
+
+    def _fresh_query_stats(self, vm: VoxelMap) -> None:
+        """(Re)create the QUERY_STATS channel, all rows "not computed" (a loaded file's may come from other negatives)."""
+        vm.remove_channel(QUERY_STATS)
+        vm.add_channel(QUERY_STATS, (2 + len(self.scorer.negatives),), torch.float32, fill=float("nan"))
 
     @property
     def class_names(self) -> list[str]:
@@ -170,7 +180,10 @@ class MappingPipeline:
             more = True
             while more:
                 with self._lock.write():
-                    more = next(blocks, _DONE) is not _DONE
+                    step = next(blocks, _DONE)
+                    more = step is not _DONE
+                    if more and step[0] == PURIFIED:       # these rows' query statistics are stale now
+                        self.voxel_map.channel(QUERY_STATS).index_fill_(0, step[1], float("nan"))
                     if not more and requests == self._full_requests:
                         self._force_full = False
                     self._version += 1
@@ -199,9 +212,29 @@ class MappingPipeline:
         all voxels when the next pass is a full one. Both are the map's own storage: nothing is copied.
         """
         vm = self.voxel_map
-        if self._force_full or "purified" not in vm.channel_names():
+        if not self._purified_current():
             return vm.features, torch.zeros(0, dtype=torch.long, device=vm.device)
-        return vm.channel("purified"), vm.dirty_slots()
+        return vm.channel(PURIFIED), vm.dirty_slots()
+
+    def _purified_current(self) -> bool:
+        return not self._force_full and PURIFIED in self.voxel_map.channel_names()
+
+    def _query_stats(self) -> torch.Tensor | None:
+        """TextScorer.negative_stats of the purified rows, computed for the rows that changed since last asked.
+
+        Rows are invalidated (NaN) when a purification commit rewrites them and start invalid for new voxels; the
+        map keeps the channel aligned through evictions. Concurrent readers may fill the same rows: same values.
+        """
+        if not self._purified_current():
+            return None
+        vm = self.voxel_map
+        stats = vm.channel(QUERY_STATS)
+        todo = torch.isnan(stats[:, 0]).nonzero().squeeze(1)
+        if todo.numel() > len(stats) // 2:
+            stats.copy_(self.scorer.negative_stats(vm.channel(PURIFIED)))
+        elif todo.numel():
+            stats[todo] = self.scorer.negative_stats(vm.channel(PURIFIED).index_select(0, todo))
+        return stats
 
     def _current_rows(self, slots: torch.Tensor) -> torch.Tensor:
         """Current features (K, D) float16 of the voxels `slots`."""
@@ -262,18 +295,20 @@ class MappingPipeline:
                 return QueryResult(self.labelled_cloud(), np.zeros(0, np.float32), [], self.class_names,
                                    "map is empty")
             base, raw = self._current()
-            scores = self.scorer.query(base, text.strip(), negatives=negatives)
+            scores = self.scorer.query(base, text.strip(), negatives=negatives, stats=self._query_stats())
             if raw.numel():
                 scores[raw] = self.scorer.query(self.voxel_map.features[raw], text.strip(), negatives=negatives)
             scores.masked_fill_(~self._visible(), 0.0)
             idx = torch.nonzero(scores >= threshold).flatten()
-            idx = idx[torch.argsort(scores[idx], descending=True)][:max_points]
+            top = scores[idx]                              # best first; topk: no full sort of many matches
+            idx = idx[torch.topk(top, max_points).indices if len(idx) > max_points
+                      else torch.argsort(top, descending=True)]
             vm = self.voxel_map
             sel_scores = scores[idx].float().cpu().numpy()
             sel_labels = self._labels_of(idx).cpu().numpy().astype(np.uint16)
             cloud = make_cloud(vm.xyz[idx].cpu().numpy(), vm.colors[idx].cpu().numpy(), sel_labels, sel_scores)
         names = self.class_names
-        return QueryResult(cloud, sel_scores, [names[i] for i in sel_labels], names,
+        return QueryResult(cloud, sel_scores, [names[i] for i in sel_labels.tolist()], names,
                            f"{len(idx)} of {n} voxels match '{text.strip()}' (threshold {threshold:.2f})")
 
     # ----------------------------------------------------------------------------------------
@@ -287,6 +322,7 @@ class MappingPipeline:
         if new.feature_dim != self.backend.dim:
             raise ValueError(f"path: map has {new.feature_dim}-d features but backend "
                              f"'{self.backend.name}' produces {self.backend.dim}-d")
+        self._fresh_query_stats(new)
         with self._writers, self._lock.write():
             self.voxel_map = new
             self._version += 1

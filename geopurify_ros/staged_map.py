@@ -75,7 +75,8 @@ class StagedMap:
 
     # ------------------------------------------------------------------ commit
     def commit_blocks(self, block_rows: int | None = None):
-        """Apply the staged writes to the map, yielding between blocks of at most `block_rows` written rows.
+        """Apply the staged writes to the map, yielding (channel name, slots) after each block of at most
+        `block_rows` written rows.
 
         The caller holds exclusive access while a block is applied and may release it at each yield: every row is
         either before or after the pass, and the dirty set (which marks rows whose staged result is pending) is
@@ -89,7 +90,7 @@ class StagedMap:
             for slots, values in writes:
                 for i in range(0, slots.numel(), block_rows):
                     self.map.set_channel(name, slots[i:i + block_rows], values[i:i + block_rows])
-                    yield
+                    yield name, slots[i:i + block_rows]
         if self._clear_dirty:
             self.map.clear_dirty()
         self.begin()

@@ -278,6 +278,11 @@ class VoxelMap:
         self._specs[name] = spec
         self._buf["ch:" + name] = torch.full((self._cap, *shape), fill, dtype=dtype, device=self.device)
 
+    def remove_channel(self, name: str) -> None:
+        """Drop an auxiliary channel (no-op if absent)."""
+        if self._specs.pop(name, None) is not None:
+            del self._buf["ch:" + name]
+
     def channel_names(self) -> list[str]:
         return list(self._specs)
 

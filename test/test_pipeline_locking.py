@@ -58,7 +58,8 @@ def pipe():
 
 
 def channels(vm):
-    return {n: vm.channel(n).clone() for n in vm.channel_names()}
+    """The Purifier's channels (the pipeline adds its own query statistics)."""
+    return {n: vm.channel(n).clone() for n in vm.channel_names() if n.startswith("purif")}
 
 
 def test_staged_purify_equals_purify_in_place(pipe, tmp_path):
@@ -135,7 +136,10 @@ def test_query_runs_while_a_purification_pass_computes(pipe):
 
 def test_query_equals_reference_formula(pipe):
     pipe.purify()
-    pipe.process_frame(*frame(3))                        # some voxels dirty: raw features for those
+    pipe.query("chair")                                  # query statistics computed for the purified rows ...
+    pipe.process_frame(*frame(3))
+    pipe.purify()                                        # ... and invalidated where this pass rewrote them
+    pipe.process_frame(*frame(4))                        # some voxels dirty: raw features for those
     vm = pipe.voxel_map
     feats = vm.channel("purified").float()
     dirty = vm.dirty_slots()
@@ -184,3 +188,27 @@ def test_mode_change_during_a_pass_makes_the_next_pass_full(pipe):
     np.testing.assert_allclose(pipe.labelled_cloud()["score"], raw_scores.numpy(), rtol=1e-6)
     out = pipe.purify(incremental=True)
     assert out["stats"].mode == "purified" and not out["stats"].incremental and out["stats"].updated == len(pipe.voxel_map)
+
+
+def test_cached_negative_statistics_give_the_same_scores(pipe):
+    feats = pipe.voxel_map.features
+    stats = pipe.scorer.negative_stats(feats)
+    for text, negs in (("chair", ()), ("chair", ("wall", "lamp")), ("stuff", ()), ("table", ("chair",))):
+        torch.testing.assert_close(pipe.scorer.query(feats, text, negs, stats=stats),
+                                   pipe.scorer.query(feats, text, negs), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="stats"):
+        pipe.scorer.query(feats, "chair", stats=stats[:5])
+
+
+def test_loaded_map_recomputes_query_statistics(pipe, tmp_path):
+    pipe.purify()
+    pipe.query("chair")
+    pipe.voxel_map.channel("query_stats")[:] = 0.0          # as if computed with other negatives
+    pipe.save(tmp_path / "m.pt")
+    other = MappingPipeline(PipelineConfig(device="cpu", class_names=["chair", "wall", "table"]),
+                            backend=WordBackend())
+    other.load(tmp_path / "m.pt")
+    other.purify()
+    got = other.query("chair", threshold=0.01)
+    ref = pipe.scorer.query(other.voxel_map.channel("purified"), "chair")
+    np.testing.assert_allclose(np.sort(got.scores), np.sort(ref[ref >= 0.01].numpy()), atol=1e-5)
