@@ -6,8 +6,10 @@ bag's colour / depth / CameraInfo messages unchanged (raw CDR); poses go out as 
 camera optical frame, converted from whatever the bag has (PoseStamped, Odometry, /tf), so every
 pose source works even where tf2_ros is not installed.
 
-Pacing: `rate=None` ("fast") sends a frame, then waits until the node's /diagnostics counters show
-it was paired, gated and fused before sending the next (no queue drops, deterministic frames);
+Pacing: `rate=None` ("fast") keeps at most FAST_WINDOW frames in flight: it sends the next frame once the
+node's /diagnostics counters show that all but FAST_WINDOW - 1 of the frames sent were paired, gated and fused
+(or skipped), so the node's worker never waits for the round trip (fewer in flight than the node's queue:
+no queue drops, deterministic frames);
 `rate=R` publishes at R x recorded speed and lets the node drop what it cannot keep up with.
 At the end the clock is advanced one purify period so the node purifies everything and publishes
 the final cloud. In fast mode the node's `purify_period_s` is set to FAST_PURIFY_PERIOD_S, so, as the
@@ -39,7 +41,9 @@ NODE = "geopurify_mapping"
 EVAL_POSE_TOPIC = "/geopurify_eval/camera_pose"
 DIAG_PERIOD_S = 0.002           # sim seconds; every /clock step we send then yields one diagnostics message
 FAST_PURIFY_PERIOD_S = 3600.0   # fast mode: no periodic purification (the node's maximum period)
-MAX_POLL_S = 0.02               # longest wait between two acknowledgement polls
+FAST_WINDOW = 2                 # fast mode: frames in flight (capped below the node's queue_size)
+MAX_POLL_S = 0.05               # longest wait between two acknowledgement polls (each one costs the node a
+FRAME_POLL_S = 0.025            # diagnostics message); first poll after sending a frame
 _CDR_STAMP_END = 12             # CDR encapsulation (4 bytes) + header.stamp (sec, nanosec): what follows is the content
 
 
@@ -131,6 +135,12 @@ def _i(d: dict[str, str], key: str) -> int:
         return int(float(d.get(key, 0)))
     except ValueError:
         return 0
+
+
+def _completed(d: dict[str, str]) -> int:
+    """Pairs the node is done with: paired (frames_in) minus keyframes still queued or being fused."""
+    pending = _i(d, "keyframes") - _i(d, "frames_fused") - _i(d, "dropped.queue_full") - _i(d, "dropped.worker_error")
+    return _i(d, "frames_in") - pending
 
 
 def _settled(d: dict[str, str], pairs_sent: int) -> bool:
@@ -236,6 +246,7 @@ def replay_ros(source: BagSource, params: dict[str, Any], class_names: list[str]
         bar = tqdm(total=total, desc="ros replay", unit="frame", disable=not progress, leave=False)
         sent = pose_i = fused_seen = 0
         last_info = None
+        window = max(1, min(FAST_WINDOW, int(params.get("queue_size", FAST_WINDOW))))
         frame_ms: list[float] = []
         wall0 = time.perf_counter()
         stamp0 = first.stamp
@@ -263,8 +274,9 @@ def replay_ros(source: BagSource, params: dict[str, Any], class_names: list[str]
                 lis.pubs[bag_to_node[topic]].publish(retype(topic, fr.raw[topic][1]))
             sent += 1
             if rate is None:
-                _, d = _wait_for(lis, node_proc, lambda d: _settled(d, sent), timeout,
-                                 f"node did not process frame {sent} (stamp {fr.stamp:.3f})")
+                _, d = _wait_for(lis, node_proc, lambda d: _completed(d) > sent - window, timeout,
+                                 f"node did not process frame {sent - window + 1} (sent {sent}, stamp "
+                                 f"{fr.stamp:.3f})", poll_s=FRAME_POLL_S)
                 if _i(d, "frames_fused") > fused_seen:        # the node's own time for this keyframe
                     fused_seen = _i(d, "frames_fused")
                     frame_ms.append(float(d.get("worker.frame_ms", "nan")))
