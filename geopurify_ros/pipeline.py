@@ -55,6 +55,9 @@ class PipelineStats:
     last_fuse_ms: float = 0.0
     last_features_ms: float = 0.0
     last_purify_ms: float = 0.0
+    voxels: int = 0                   # map figures as of the last write (stats() reads them without the lock)
+    dirty_voxels: int = 0
+    map_bytes: int = 0
 
 
 class MappingPipeline:
@@ -137,6 +140,7 @@ class MappingPipeline:
             self._stats.frames_fused += 1
             self._stats.last_features_ms = (t1 - t0) * 1e3
             self._stats.last_fuse_ms = (time.perf_counter() - t1) * 1e3
+            self._note_map()
         return stats
 
     @staticmethod
@@ -187,6 +191,7 @@ class MappingPipeline:
                     if not more and requests == self._full_requests:
                         self._force_full = False
                     self._version += 1
+                    self._note_map()
             self._stats.purify_runs += 1
             self._stats.last_purify_ms = (time.perf_counter() - t0) * 1e3
             return {"ms": self._stats.last_purify_ms, "voxels": len(self.voxel_map), "stats": stats}
@@ -328,22 +333,30 @@ class MappingPipeline:
             self._version += 1
             self._force_full = True
             self._full_requests += 1
+            self._note_map()
 
     def reset(self) -> None:
         with self._writers, self._lock.write():
             self.voxel_map.reset()
             self._version += 1
+            self._note_map()
+
+    def _note_map(self) -> None:
+        """Record the map figures stats() reports (callers hold the write side)."""
+        vm = self.voxel_map
+        self._stats.voxels, self._stats.map_bytes = len(vm), int(vm.nbytes())
+        self._stats.dirty_voxels = int(vm.dirty_slots().numel())
 
     def stats(self) -> dict:
-        with self._lock.read():
-            s = self._stats
-            return {
-                "voxels": len(self.voxel_map), "dirty_voxels": int(self.voxel_map.dirty_slots().numel()),
-                "map_bytes": int(self.voxel_map.nbytes()), "frames_fused": s.frames_fused,
-                "purify_runs": s.purify_runs, "last_features_ms": s.last_features_ms,
-                "last_fuse_ms": s.last_fuse_ms, "last_purify_ms": s.last_purify_ms,
-                "device": str(self.device), "backend": self.backend.name,
-            }
+        """Counters and map figures as of the last write. Lock-free: /diagnostics must not wait for a fusion
+        (an rclpy callback blocked in a mutually exclusive group makes the executor spin)."""
+        s = self._stats
+        return {
+            "voxels": s.voxels, "dirty_voxels": s.dirty_voxels, "map_bytes": s.map_bytes,
+            "frames_fused": s.frames_fused, "purify_runs": s.purify_runs, "last_features_ms": s.last_features_ms,
+            "last_fuse_ms": s.last_fuse_ms, "last_purify_ms": s.last_purify_ms,
+            "device": str(self.device), "backend": self.backend.name,
+        }
 
 
 _DONE = object()

@@ -212,3 +212,27 @@ def test_loaded_map_recomputes_query_statistics(pipe, tmp_path):
     got = other.query("chair", threshold=0.01)
     ref = pipe.scorer.query(other.voxel_map.channel("purified"), "chair")
     np.testing.assert_allclose(np.sort(got.scores), np.sort(ref[ref >= 0.01].numpy()), atol=1e-5)
+
+
+def test_stats_do_not_wait_for_a_fusion(pipe):
+    before = pipe.stats()
+    fusing, release = threading.Event(), threading.Event()
+    real = pipe.voxel_map.fuse_frame
+
+    def slow_fuse(*args, **kwargs):
+        fusing.set()
+        assert release.wait(10)
+        return real(*args, **kwargs)
+
+    pipe.voxel_map.fuse_frame = slow_fuse
+    th = threading.Thread(target=pipe.process_frame, args=frame(5))
+    th.start()
+    assert fusing.wait(30)                               # the worker holds the write side now
+    t0 = time.monotonic()
+    during = pipe.stats()
+    assert time.monotonic() - t0 < 1.0 and during["frames_fused"] == before["frames_fused"]
+    release.set()
+    th.join(30)
+    after = pipe.stats()
+    assert after["frames_fused"] == before["frames_fused"] + 1 and after["voxels"] == len(pipe.voxel_map)
+    assert after["dirty_voxels"] == pipe.voxel_map.dirty_slots().numel() > 0
