@@ -4,8 +4,9 @@ This is the one place where the parts are put together. The ROS node (`node/mapp
 offline evaluator (`eval/`) both drive a `MappingPipeline`, so what is evaluated is what is deployed.
 
 Threading: the node calls `process_frame`/`purify` from a worker thread and `query`/`labelled_cloud`/
-`save`/`load`/`reset` from service callbacks. `self._lock` is a readers-writer lock (rwlock.py): queries, clouds,
-saving and statistics read; fusion, `load` and `reset` write, and writers are serialised by `self._writers`.
+`save`/`load`/`reset` from service callbacks. `self._lock` is a readers-writer lock (rwlock.py): queries, clouds
+and saving read; fusion, `load` and `reset` write, and writers are serialised by `self._writers`; `stats()` takes
+no lock (writers record its figures).
 Feature extraction (the slow part of a frame) runs outside the lock. A purification pass computes under the read
 side on a StagedMap (staged_map.py), so queries run meanwhile, and takes the write side only to commit its results,
 one block of rows at a time: a query waits for at most one fusion or one commit block.
