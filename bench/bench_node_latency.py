@@ -6,8 +6,10 @@ RGB-D + pose frames one at a time and waits for the ~/labelled_cloud whose heade
 frame's stamp (the node stamps the cloud with the newest fused frame). Latency = publish -> receive,
 so it includes transport, decoding, feature extraction, fusion, purification and cloud packing.
 Then streams the frames again and measures ~/query round trips while the worker is busy.
+Frames are the demo sequence (or a synthetic room) resized to --size (default 640x480: colour bilinear,
+depth nearest, intrinsics scaled); --size native keeps the data's own size.
 
-    python bench/bench_node_latency.py [--frames 12] [--data DIR] [--purify-period 0.02] [--device cpu]
+    python bench/bench_node_latency.py [--frames 12] [--size 640x480] [--data DIR] [--purify-period 0.02]
 """
 from __future__ import annotations
 
@@ -25,6 +27,24 @@ import numpy as np
 
 os.environ.setdefault("ROS_DOMAIN_ID", str(os.getpid() % 200 + 20))
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def resized(frames, size: tuple[int, int] | None):
+    """Frames resized to (width, height): colour bilinear, depth nearest (no mixed depths), camera scaled."""
+    if size is None:
+        return frames
+    import torch
+    from types import SimpleNamespace
+    w, h = size
+    out = []
+    for f in frames:
+        rgb = torch.from_numpy(np.array(f.rgb)).permute(2, 0, 1)[None].float()
+        rgb = torch.nn.functional.interpolate(rgb, (h, w), mode="bilinear", align_corners=False)
+        depth = torch.nn.functional.interpolate(torch.from_numpy(np.array(f.depth))[None, None], (h, w), mode="nearest")
+        out.append(SimpleNamespace(stamp=f.stamp, T_world_cam=f.T_world_cam, cam=f.cam.scaled(w, h),
+                                   rgb=rgb[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy(),
+                                   depth=depth[0, 0].numpy()))
+    return out
 
 
 def frames_from(data: str | None, n: int):
@@ -59,6 +79,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=12)
     ap.add_argument("--data", default=None, help="demo output dir (geopurify-make-demo --out DIR)")
+    ap.add_argument("--size", default="640x480", help="WIDTHxHEIGHT the frames are resized to, or 'native'")
     ap.add_argument("--purify-period", type=float, default=0.02)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--student", default=None, help="student checkpoint (default: shipped one, else untrained)")
@@ -75,6 +96,7 @@ def main() -> int:
     from geopurify_ros.srv import TextQuery
 
     frames, source = frames_from(args.data, args.frames)
+    frames = resized(frames, None if args.size == "native" else tuple(int(v) for v in args.size.split("x")))
     tmp = Path(tempfile.mkdtemp(prefix="bench_node_"))
     over = {"device": args.device, "sensor_qos": "reliable", "purify_period_s": args.purify_period,
             "keyframe_max_interval_s": 0.01, "keyframe_min_translation_m": 0.0, "queue_size": 64,
@@ -114,10 +136,11 @@ def main() -> int:
             rclpy.spin_once(node, timeout_sec=0.005)
         return pred()
 
-    def publish(f, stamp):
+    def publish(f, stamp, pose=True):
         st = mc.sec_to_stamp(stamp)
         pubs["info"].publish(mc.camera_info_msg(f.cam, st, "camera"))
-        pubs["pose"].publish(mc.pose_stamped_msg(f.T_world_cam, st, "map"))
+        if pose:
+            pubs["pose"].publish(mc.pose_stamped_msg(f.T_world_cam, st, "map"))
         rclpy.spin_once(node, timeout_sec=0.002)
         pubs["color"].publish(mc.image_msg(f.rgb, "color", st, "camera", "rgb8"))
         pubs["depth"].publish(mc.image_msg(f.depth, "depth", st, "camera", "16UC1"))
@@ -158,8 +181,12 @@ def main() -> int:
         # 2) queries while the worker is busy: stream the frames again (new stamps), query meanwhile
         base = float(frames[-1].stamp) + 10.0
         qlat = []
+        # Poses first: streamed images can overtake their pose on another topic (dropped as pose_stale then).
         for i, f in enumerate(frames):
-            publish(f, round(base + 0.1 * i, 6))
+            pubs["pose"].publish(mc.pose_stamped_msg(f.T_world_cam, mc.sec_to_stamp(round(base + 0.1 * i, 6)), "map"))
+        spin_until(lambda: False, 0.2)
+        for i, f in enumerate(frames):
+            publish(f, round(base + 0.1 * i, 6), pose=False)
             t0 = time.monotonic()
             fut = client.call_async(TextQuery.Request(text="chair", max_points=100))
             if spin_until(fut.done, 60):

@@ -1,6 +1,6 @@
 """Benchmark: Purifier full vs incremental pass vs map size (synthetic rooms at 5 cm, VoxelMap).
 
-    python bench/bench_purify.py [--sizes 10000 100000 200000] [--dim 384] [--dirty 5000] [--threads 1]
+    python bench/bench_purify.py [--sizes 10000 100000 200000] [--dim 384] [--dirty 5000] [--threads 1] [--device cpu]
     python bench/bench_purify.py --leakage-only      # poster-on-wall leakage / L-corner accuracy table
 
 "Incremental" = one new frame re-observing a compact patch of `--dirty` voxels (new features), followed by
@@ -19,11 +19,11 @@ from geopurify_ros.purify.student import DEFAULT_CHECKPOINT, StudentAffinityNet,
 from geopurify_ros.voxel_map import VoxelMap
 
 
-def build_map(n: int, dim: int, seed: int = 0) -> tuple[VoxelMap, torch.Tensor]:
+def build_map(n: int, dim: int, seed: int = 0, device: str = "cpu") -> tuple[VoxelMap, torch.Tensor]:
     s = large_scene(n, seed=seed)
     g = torch.Generator().manual_seed(seed)
     feats = torch.nn.functional.normalize(torch.randn(len(s.xyz), dim, generator=g), dim=1)
-    vm = VoxelMap(voxel_size=0.05, feature_dim=dim, max_voxels=2 * n)
+    vm = VoxelMap(voxel_size=0.05, feature_dim=dim, max_voxels=2 * n, device=device)
     vm.fuse(s.xyz, feats, s.colors, stamp=0.0, sensor_origin=s.xyz.mean(0))
     return vm, s.xyz
 
@@ -46,11 +46,13 @@ def main(argv=None) -> None:
     ap.add_argument("--leakage", action="store_true", help="also print the poster / L-corner leakage table")
     ap.add_argument("--leakage-only", action="store_true")
     ap.add_argument("--student", default="", help="student checkpoint (default: the shipped one)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda[:N]: map, student and pooling on this device")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     student = load_student(a.student or None) if (a.student or DEFAULT_CHECKPOINT.is_file()) \
         else StudentAffinityNet().eval()
-    print(f"torch {torch.__version__}, threads {a.threads}, D={a.dim}, mode={a.mode}, "
+    sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
+    print(f"torch {torch.__version__}, threads {a.threads}, device {a.device}, D={a.dim}, mode={a.mode}, "
           f"student={'shipped' if DEFAULT_CHECKPOINT.is_file() else 'random-init'}")
     if a.leakage or a.leakage_only:
         leakage_table(student)
@@ -59,19 +61,23 @@ def main(argv=None) -> None:
     print(f"{'voxels':>8} {'full ms':>9} {'(embed':>7} {'pool)':>7} {'inc ms':>8} {'(embed':>7} {'pool)':>7} "
           f"{'embedded':>8} {'updated':>8} {'full/inc':>8}")
     for n in a.sizes:
-        vm, _ = build_map(n, a.dim)
-        p = Purifier(student, PurifyConfig())
+        vm, _ = build_map(n, a.dim, device=a.device)
+        p = Purifier(student, PurifyConfig(), device=a.device)
         fulls, incs = [], []
         for r in range(a.repeats):
+            sync()
             t = time.perf_counter()
             sf = p.purify(vm, mode=a.mode, incremental=False)
+            sync()
             fulls.append((time.perf_counter() - t, sf))
         for r in range(a.repeats):
             slots = frame_patch(vm, min(a.dirty, len(vm) // 2), r)
             new = torch.nn.functional.normalize(torch.randn(slots.numel(), a.dim), dim=1)
             vm.fuse(vm.xyz[slots], new, vm.colors[slots], stamp=1.0 + r)
+            sync()
             t = time.perf_counter()
             si = p.purify(vm, mode=a.mode, incremental=True)
+            sync()
             incs.append((time.perf_counter() - t, si))
         tf, sf = min(fulls, key=lambda x: x[0])
         ti, si = min(incs, key=lambda x: x[0])

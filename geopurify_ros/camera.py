@@ -198,10 +198,19 @@ def validate_pose(T, name: str = "T_world_cam", atol: float = 1e-3) -> np.ndarra
     if not np.all(np.isfinite(T)):
         raise ValueError(f"{name}: contains non-finite values")
     R = T[:3, :3]
-    if (not np.allclose(R @ R.T, np.eye(3), atol=atol) or abs(np.linalg.det(R) - 1) > atol
-            or not np.allclose(T[3], [0, 0, 0, 1], atol=atol)):
+    # np.allclose semantics (rtol 1e-5) without its overhead: this runs for every frame.
+    if (not _close(R @ R.T, _EYE3, atol) or abs(np.linalg.det(R) - 1) > atol
+            or not _close(T[3], _LAST_ROW, atol)):
         raise ValueError(f"{name}: not a rigid transform (rotation must be orthonormal with det +1)")
     return T
+
+
+_EYE3 = np.eye(3)
+_LAST_ROW = np.array([0.0, 0.0, 0.0, 1.0])
+
+
+def _close(a: np.ndarray, b: np.ndarray, atol: float) -> bool:
+    return bool((np.abs(a - b) <= atol + 1e-5 * np.abs(b)).all())
 
 
 # ---------------------------------------------------------------------- back-projection
@@ -232,6 +241,19 @@ def backproject(depth, cam: CameraModel, T_world_cam, stride: int = 1, min_depth
         points_world (N,3) float32, pixels (N,2) long (row, col) in the full image, depth (N,) float32;
         all on ``depth``'s device (CPU for ndarray input).
     """
+    points, idx, z = backproject_grid(depth, cam, T_world_cam, stride, min_depth, max_depth)
+    pix_grid, _ = stride_grid(cam, stride, points.device)
+    return points, pix_grid.index_select(0, idx), z
+
+
+def backproject_grid(depth, cam: CameraModel, T_world_cam, stride: int = 1, min_depth: float = 0.1,
+                     max_depth: float = 8.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As ``backproject``, but returns the points' indices into ``stride_grid`` (N,) long instead of pixels.
+    The (N, 3) points are a view of channel-major (3, N) storage (elementwise results keep that layout).
+
+    Callers that need per-pixel quantities of the grid (colours, sampling coefficients) index cached grid tables
+    with them, which is cheaper than recomputing those from (row, col) for every frame.
+    """
     if isinstance(depth, np.ndarray):
         depth = torch.from_numpy(np.ascontiguousarray(depth))
     if not isinstance(depth, torch.Tensor):
@@ -248,31 +270,32 @@ def backproject(depth, cam: CameraModel, T_world_cam, stride: int = 1, min_depth
     T = torch.as_tensor(validate_pose(T_world_cam), dtype=torch.float32, device=depth.device)
     R, t = T[:3, :3], T[:3, 3]
     dev = depth.device
-    z = depth[::stride, ::stride].to(torch.float32)
+    z = depth[::stride, ::stride].to(torch.float32).contiguous()
     valid = depth_in_range(z, min_depth, max_depth)
     idx = valid.reshape(-1).nonzero().squeeze(1)
-    pix_grid, ray_grid = _ray_grid(cam, stride, z.shape, dev)
-    pixels = pix_grid.index_select(0, idx)
+    _, ray_grid = stride_grid(cam, stride, dev)
     zv = z.reshape(-1).index_select(0, idx)
     xn, yn = ray_grid.index_select(0, idx).unbind(1)
     x, y = xn * zv, yn * zv
-    # Row-by-row affine map: a (N,3)@(3,3) matmul is slower than 3 fused multiply-adds per output on CPU.
+    # Row-by-row affine map: a (N,3)@(3,3) matmul is slower than 3 fused multiply-adds per output on CPU. Stored
+    # channel-major ((3, N) memory, returned as its (N, 3) transpose): each coordinate is one contiguous row.
     points = torch.stack([torch.addcmul(torch.addcmul(zv * R[i, 2] + t[i], x, R[i, 0]), y, R[i, 1])
-                          for i in range(3)], dim=1)
-    return points, pixels, zv
+                          for i in range(3)], dim=0).t()
+    return points, idx, zv
 
 
-def _ray_grid(cam: CameraModel, stride: int, shape, dev) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pixels (n,2) long (row, col), rays (n,2) float32 (x/z, y/z)) of the stride grid, row-major; cached.
+def stride_grid(cam: CameraModel, stride: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixels (n,2) long (row, col), rays (n,2) float32 (x/z, y/z)) of the stride grid of ``cam``, row-major; cached.
 
     The rays are ``cam.pixel_rays`` of the grid pixels (elementwise, so identical to evaluating them per point).
     The cache is keyed by the camera's value (CameraModel is a frozen, hashable dataclass), so a node that rebuilds
     the model from every CameraInfo message still hits it; it holds at most ``_RAY_GRID_CACHE_SIZE`` grids.
     """
-    key = (cam, int(stride), tuple(shape), str(dev))
+    stride = int(stride)
+    key = (cam, stride, str(dev))
     hit = _RAY_GRIDS.get(key)
     if hit is None:
-        h_s, w_s = shape
+        h_s, w_s = (cam.height + stride - 1) // stride, (cam.width + stride - 1) // stride
         rows = (torch.arange(h_s, device=dev) * stride)[:, None].expand(h_s, w_s).reshape(-1)
         cols = (torch.arange(w_s, device=dev) * stride)[None, :].expand(h_s, w_s).reshape(-1)
         xn, yn = cam.pixel_rays(rows.to(torch.float32), cols.to(torch.float32))

@@ -105,8 +105,11 @@ class TextScorer:
         """(N, D) → (N, C) cosine similarities to the classes minus `class_bias` (float32, features' device)."""
         feats = _check_features(features, self.class_embeddings.shape[1])
         cls, bias = self.class_embeddings.to(feats.device), self.class_bias.to(feats.device)
-        return torch.cat([_normalise(c) @ cls.T - bias for c in feats.split(self.chunk_size)]) if len(feats) else \
-            torch.empty(0, len(self.class_names), device=feats.device)
+        out = torch.empty(len(feats), len(self.class_names), device=feats.device)
+        with torch.inference_mode():
+            for f, rows in _float_blocks(feats, self.chunk_size):
+                torch.sub(_normalise(f) @ cls.T, bias, out=out[rows])
+        return out
 
     def label(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, D) → labels LongTensor (N,), scores FloatTensor (N,) = class-softmax probability of the label."""
@@ -115,32 +118,104 @@ class TextScorer:
         labels = torch.empty(len(feats), dtype=torch.long, device=feats.device)
         scores = torch.empty(len(feats), dtype=torch.float32, device=feats.device)
         with torch.inference_mode():
-            for i in range(0, len(feats), self.chunk_size):
-                sim = _normalise(feats[i:i + self.chunk_size]) @ cls.T - bias
-                p, lab = torch.softmax(sim / self.label_temperature, dim=1).max(dim=1)
-                labels[i:i + len(lab)] = lab
-                scores[i:i + len(lab)] = p
+            for f, rows in _float_blocks(feats, self.chunk_size):
+                sim = _normalise(f) @ cls.T - bias
+                torch.max(torch.softmax(sim / self.label_temperature, dim=1), dim=1, out=(scores[rows], labels[rows]))
         return labels, scores
 
     # -- free text ---------------------------------------------------------------------------------
-    def query(self, features: torch.Tensor, text: str, negatives: Sequence[str] = ()) -> torch.Tensor:
-        """(N, D) → relevancy (N,) float32 in [0, 1]: min over negatives of sigmoid((s_text - s_neg) / T)."""
+    def query(self, features: torch.Tensor, text: str, negatives: Sequence[str] = (),
+              stats: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, D) → relevancy (N,) float32 in [0, 1]: min over negatives of sigmoid((s_text - s_neg) / T).
+
+        Features may be float16 (as stored in the map) or float32. With s = f·e / |f| and sigmoid monotonic, the score
+        is sigmoid(min_n f·(e_text - e_n) / (T |f|)): one small matrix product per block of rows (M differences
+        instead of M + 1 similarities), the norm, and one sigmoid per row; no normalised copy of the features.
+        `stats`: `negative_stats(features)` computed earlier for these same features; then only f·e_text (and f·e
+        of negatives beyond the canonical ones) is computed per row.
+        """
         if not isinstance(text, str) or not text.strip():
             raise ValueError("text: empty query")
         text = text.strip()
         feats = _check_features(features, self.class_embeddings.shape[1])
         negs = [n for n in _dedupe(self.negatives + [n.strip() for n in negatives if n and n.strip()])
                 if n.lower() != text.lower()]
+        if stats is not None:
+            return self._query_with_stats(feats, text, negs, stats)
         emb = self.embed([text] + negs).to(feats.device)                     # (1 + M, D)
+        cosine = emb.shape[0] == 1                                           # no negatives: rescaled cosine
+        coeff = emb if cosine else (emb[:1] - emb[1:]) / self.temperature    # (M, D)
         out = torch.empty(len(feats), dtype=torch.float32, device=feats.device)
         with torch.inference_mode():
-            for i in range(0, len(feats), self.chunk_size):
-                sim = _normalise(feats[i:i + self.chunk_size]) @ emb.T         # (n, 1 + M)
-                if sim.shape[1] == 1:
-                    out[i:i + len(sim)] = (sim[:, 0] + 1) / 2                  # no negatives: rescaled cosine
+            for f, rows in _float_blocks(feats, self.chunk_size):
+                d = torch.mm(coeff, f.t())                                   # (M, n)
+                norm = torch.linalg.vector_norm(f, dim=1).clamp_(min=_EPS)
+                if cosine:
+                    out[rows] = d[0].div_(norm).add_(1).mul_(0.5)
                 else:
-                    out[i:i + len(sim)] = torch.sigmoid((sim[:, :1] - sim[:, 1:]) / self.temperature).min(1).values
+                    torch.sigmoid(d.amin(0).div_(norm), out=out[rows])
         return out
+
+    def negative_stats(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, D) → (N, 2 + K) float32: 1 / |f|, max_n f·e_n, and f·e_n for the K canonical negatives
+        (`self.negatives`, in order).
+
+        They do not depend on the query text: a caller whose features do not change (the map's purified rows between
+        two purification passes) keeps them and passes them to `query(..., stats=...)`, which then needs one dot
+        product per row (min_n (s_text - s_n) = s_text - max_n s_n).
+        """
+        feats = _check_features(features, self.class_embeddings.shape[1])
+        emb = self.embed(self.negatives).to(feats.device)                   # (K, D)
+        out = torch.empty(len(feats), 2 + len(emb), dtype=torch.float32, device=feats.device)
+        with torch.inference_mode():
+            for f, rows in _float_blocks(feats, self.chunk_size):
+                blk = out[rows]
+                torch.mm(f, emb.t(), out=blk[:, 2:])
+                torch.amax(blk[:, 2:], 1, out=blk[:, 1])
+                torch.reciprocal(torch.linalg.vector_norm(f, dim=1).clamp_(min=_EPS), out=blk[:, 0])
+        return out
+
+    def _query_with_stats(self, feats, text: str, negs: list[str], stats: torch.Tensor) -> torch.Tensor:
+        if stats.shape != (len(feats), 2 + len(self.negatives)):
+            raise ValueError(f"stats: expected ({len(feats)}, {2 + len(self.negatives)}), got {tuple(stats.shape)}")
+        canon = {n.lower(): i for i, n in enumerate(self.negatives)}
+        used = [canon[n.lower()] for n in negs if n.lower() in canon]
+        cols = None if len(used) == len(canon) else torch.tensor(used, dtype=torch.long, device=feats.device) + 2
+        extra = [n for n in negs if n.lower() not in canon]
+        emb = self.embed([text] + extra).to(feats.device)                   # (1 + E, D)
+        q, ext = emb[0], emb[1:]
+        out = torch.empty(len(feats), dtype=torch.float32, device=feats.device)
+        with torch.inference_mode():
+            for f, rows in _float_blocks(feats, self.chunk_size):
+                st = stats[rows]
+                s_text = torch.mv(f, q)
+                if not negs:                                                 # rescaled cosine
+                    out[rows] = s_text.mul_(st[:, 0]).add_(1).mul_(0.5)
+                    continue
+                s_neg = st[:, 1] if cols is None else (st.index_select(1, cols).amax(1) if len(cols) else None)
+                if len(ext):
+                    s_ext = torch.mm(ext, f.t()).amax(0)
+                    s_neg = s_ext if s_neg is None else torch.maximum(s_neg, s_ext)
+                torch.sigmoid(s_text.sub_(s_neg).mul_(st[:, 0]).div_(self.temperature), out=out[rows])
+        return out
+
+
+_EPS = 1e-6            # as F.normalize(eps=1e-6): all-zero rows score as if every similarity were 0
+_CPU_BLOCK_ROWS = 2048  # float32 rows per block on CPU: the block stays cache-resident across its passes
+
+
+def _float_blocks(feats: torch.Tensor, chunk_size: int):
+    """Yield (float32 block, slice) over the rows of `feats`; float16 rows are converted one block at a time into a
+    reused buffer, so the full (N, D) float32 copy is never materialised."""
+    n = len(feats)
+    step = chunk_size if feats.device.type != "cpu" else min(chunk_size, _CPU_BLOCK_ROWS)
+    convert = feats.dtype != torch.float32 or not feats.is_contiguous()
+    buf = torch.empty((min(step, n), feats.shape[1]), device=feats.device) if convert else None
+    for i in range(0, n, step):
+        blk = feats[i:i + step]
+        if convert:
+            blk = buf[:len(blk)].copy_(blk)
+        yield blk, slice(i, i + len(blk))
 
 
 def _dedupe(items: Sequence[str]) -> list[str]:

@@ -438,3 +438,28 @@ def test_row_views_move_float16_bits_exactly(dim):
     ref[rows] = new
     _row_view(store, torch.complex128).index_copy_(0, rows, _row_view(new, torch.complex128))
     assert torch.equal(store.view(torch.int16), ref.view(torch.int16))
+
+
+@pytest.mark.parametrize("max_voxels", [100_000, 700])
+def test_feature_fold_block_size_does_not_change_the_map(monkeypatch, max_voxels):
+    """The blocked feature fold (blocks mixing existing / new / evicted voxels) is bit-identical to one block."""
+    import geopurify_ros.voxel_map as vmod
+    D = 6
+    fmap = torch.randn(15, 20, D, generator=torch.Generator().manual_seed(9))
+    rng = np.random.default_rng(9)
+    rgb = rng.integers(0, 256, (CAM.height, CAM.width, 3), dtype=np.uint8)
+    depths = [(0.8 + 0.3 * rng.random((CAM.height, CAM.width))).astype(np.float32) for _ in range(4)]
+    maps = []
+    for block_bytes in (1 << 30, 4 * D * 7):          # one block; 7 voxels per block
+        monkeypatch.setattr(vmod, "_LERP_BLOCK_BYTES", block_bytes)
+        vm = VoxelMap(VS, D, max_voxels=max_voxels)
+        for i, depth in enumerate(depths):
+            T = look_down_pose(1.2 + 0.05 * i)
+            T[:3, 3] += [0.07 * i, -0.03 * i, 0.0]
+            vm.fuse_frame(depth, fmap, rgb, CAM, T, stamp=float(i), stride=2)
+        maps.append(vm)
+    a, b = maps
+    for name in ("keys", "features", "xyz", "colors", "weights", "counts"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    if max_voxels == 700:
+        assert len(a) == 700

@@ -6,11 +6,17 @@ bag's colour / depth / CameraInfo messages unchanged (raw CDR); poses go out as 
 camera optical frame, converted from whatever the bag has (PoseStamped, Odometry, /tf), so every
 pose source works even where tf2_ros is not installed.
 
-Pacing: `rate=None` ("fast") sends a frame, then waits until the node's /diagnostics counters show
-it was paired, gated and fused before sending the next (no queue drops, deterministic frames);
+Pacing: `rate=None` ("fast") keeps at most FAST_WINDOW frames in flight: it sends the next frame once the
+node's /diagnostics counters show that all but FAST_WINDOW - 1 of the frames sent were paired, gated and fused
+(or skipped), so the node's worker never waits for the round trip (fewer in flight than the node's queue:
+no queue drops, deterministic frames);
 `rate=R` publishes at R x recorded speed and lets the node drop what it cannot keep up with.
 At the end the clock is advanced one purify period so the node purifies everything and publishes
-the final cloud. The other purify modes are scored on the same fused map: `~/save_map`, then
+the final cloud. In fast mode the node's `purify_period_s` is set to FAST_PURIFY_PERIOD_S, so, as the
+offline replay, it fuses every frame and purifies once at the end: the periodic passes a live node runs
+(every `purify_period_s` of sim time, 0.5-3.7 s each on the demo bag on 2 busy cores) would otherwise
+dominate the replay time without changing the final map (an incremental pass equals a full one). With
+`rate=R` the user's period is kept, as on a robot. The other purify modes are scored on the same fused map: `~/save_map`, then
 `MappingPipeline.load` + purify per mode in-process (fuse once, purify three ways).
 """
 from __future__ import annotations
@@ -34,6 +40,11 @@ from .replay import MODES, ReplayResult, _on_worker_thread
 NODE = "geopurify_mapping"
 EVAL_POSE_TOPIC = "/geopurify_eval/camera_pose"
 DIAG_PERIOD_S = 0.002           # sim seconds; every /clock step we send then yields one diagnostics message
+FAST_PURIFY_PERIOD_S = 3600.0   # fast mode: no periodic purification (the node's maximum period)
+FAST_WINDOW = 2                 # fast mode: frames in flight (capped below the node's queue_size)
+MAX_POLL_S = 0.05               # longest wait between two acknowledgement polls (each one costs the node a
+FRAME_POLL_S = 0.025            # diagnostics message); first poll after sending a frame
+_CDR_STAMP_END = 12             # CDR encapsulation (4 bytes) + header.stamp (sec, nanosec): what follows is the content
 
 
 def node_command() -> list[str]:
@@ -41,11 +52,14 @@ def node_command() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "geopurify_ros.node.mapping_node"]
 
 
-def write_node_params(path: Path, params: dict[str, Any], class_names: list[str]) -> None:
-    """The user's params plus what replay needs: sim time, reliable QoS, poses from our PoseStamped topic."""
+def write_node_params(path: Path, params: dict[str, Any], class_names: list[str], fast: bool = False) -> None:
+    """The user's params plus what replay needs: sim time, reliable QoS, poses from our PoseStamped topic;
+    `fast` (acknowledged pacing): purification only when the replay advances the clock at the end."""
     import yaml
 
     p = {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
+    if fast:
+        p["purify_period_s"] = FAST_PURIFY_PERIOD_S
     p.update(use_sim_time=True, sensor_qos="reliable", pose_source="pose", pose_topic=EVAL_POSE_TOPIC,
              class_names=list(class_names), diagnostics_period_s=DIAG_PERIOD_S, publish_diagnostics=True,
              color_encoding="", depth_encoding="")
@@ -123,6 +137,12 @@ def _i(d: dict[str, str], key: str) -> int:
         return 0
 
 
+def _completed(d: dict[str, str]) -> int:
+    """Pairs the node is done with: paired (frames_in) minus keyframes still queued or being fused."""
+    pending = _i(d, "keyframes") - _i(d, "frames_fused") - _i(d, "dropped.queue_full") - _i(d, "dropped.worker_error")
+    return _i(d, "frames_in") - pending
+
+
 def _settled(d: dict[str, str], pairs_sent: int) -> bool:
     """All pairs sent so far reached the node and every accepted keyframe was fused (or dropped)."""
     done = _i(d, "frames_fused") + _i(d, "dropped.queue_full") + _i(d, "dropped.worker_error")
@@ -186,7 +206,7 @@ def replay_ros(source: BagSource, params: dict[str, Any], class_names: list[str]
     tmp = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="geopurify_eval_"))
     tmp.mkdir(parents=True, exist_ok=True)
     params_file = tmp / "node_params.yaml"
-    write_node_params(params_file, params, class_names)
+    write_node_params(params_file, params, class_names, fast=rate is None)
     # A private DDS domain (30..99: RTPS ports stay below the Linux ephemeral range) on localhost:
     # our /clock must never reach anyone else's nodes. GEOPURIFY_EVAL_DOMAIN_ID pins it.
     domain = domain_id if domain_id is not None else int(os.environ.get("GEOPURIFY_EVAL_DOMAIN_ID", os.getpid() % 70 + 30))
@@ -197,7 +217,7 @@ def replay_ros(source: BagSource, params: dict[str, Any], class_names: list[str]
     topics = {"color": params.get("color_topic", t.color), "depth": params.get("depth_topic", t.depth),
               "camera_info": params.get("camera_info_topic", t.camera_info)}
     map_frame = params.get("map_frame", t.map_frame)
-    period = float(params.get("purify_period_s", 1.0))
+    period = FAST_PURIFY_PERIOD_S if rate is None else float(params.get("purify_period_s", 1.0))
     bag_to_node = {t.color: topics["color"], t.depth: topics["depth"], t.camera_info: topics["camera_info"]}
     retype = _encoding_rewriter(source)
     pose_stamps, pose_mats = source.pose_samples()
@@ -225,6 +245,8 @@ def replay_ros(source: BagSource, params: dict[str, Any], class_names: list[str]
         total = min(total, max_frames) if max_frames else total
         bar = tqdm(total=total, desc="ros replay", unit="frame", disable=not progress, leave=False)
         sent = pose_i = fused_seen = 0
+        last_info = None
+        window = max(1, min(FAST_WINDOW, int(params.get("queue_size", FAST_WINDOW))))
         frame_ms: list[float] = []
         wall0 = time.perf_counter()
         stamp0 = first.stamp
@@ -239,15 +261,22 @@ def replay_ros(source: BagSource, params: dict[str, Any], class_names: list[str]
             while pose_i < len(pose_stamps) and pose_stamps[pose_i] <= fr.stamp + 0.5:
                 lis.publish_pose(pose_stamps[pose_i], pose_mats[pose_i], map_frame)
                 pose_i += 1
-            # CameraInfo and poses first, then a breath: DDS does not order messages across topics.
-            lis.pubs[bag_to_node[t.camera_info]].publish(fr.raw[t.camera_info][1])
-            time.sleep(0.2 if not sent else 0.005 if rate is None else 0.0)
+            # CameraInfo and poses first, then a breath when the node must see a new CameraInfo before the
+            # images: DDS does not order messages across topics.
+            info = fr.raw[t.camera_info][1]
+            lis.pubs[bag_to_node[t.camera_info]].publish(info)
+            if not sent:
+                time.sleep(0.2)
+            elif rate is None and info[_CDR_STAMP_END:] != last_info[_CDR_STAMP_END:]:
+                time.sleep(0.005)
+            last_info = info
             for topic in (t.color, t.depth):
                 lis.pubs[bag_to_node[topic]].publish(retype(topic, fr.raw[topic][1]))
             sent += 1
             if rate is None:
-                _, d = _wait_for(lis, node_proc, lambda d: _settled(d, sent), timeout,
-                                 f"node did not process frame {sent} (stamp {fr.stamp:.3f})")
+                _, d = _wait_for(lis, node_proc, lambda d: _completed(d) > sent - window, timeout,
+                                 f"node did not process frame {sent - window + 1} (sent {sent}, stamp "
+                                 f"{fr.stamp:.3f})", poll_s=FRAME_POLL_S)
                 if _i(d, "frames_fused") > fused_seen:        # the node's own time for this keyframe
                     fused_seen = _i(d, "frames_fused")
                     frame_ms.append(float(d.get("worker.frame_ms", "nan")))
@@ -326,7 +355,7 @@ def _wait_for(lis: _Listener, node_proc: _NodeProcess, cond, timeout: float, wha
         if n > k0 and cond(d):
             return n, d
         node_proc.check()
-        poll_s = min(poll_s * 1.15, 0.05)     # back off: fewer sim-time steps while the node is busy
+        poll_s = min(poll_s * 1.15, MAX_POLL_S)   # back off: fewer sim-time steps while the node is busy
     n, d = lis.snapshot()
     raise EvalError(f"{what} within {timeout:.0f} s ({_drops(d)}); node log: {node_proc.tail()}")
 
