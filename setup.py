@@ -20,6 +20,9 @@ setup(
             "geopurify-mapping = geopurify_ros.node.mapping_node:main",
             "geopurify-make-demo = geopurify_ros.data.make_demo:main",
             "geopurify-train = geopurify_ros.purify.train:main",
+            "geopurify-pretrain-teacher = geopurify_ros.purify.pretrain:main",
+            "geopurify-ablation = geopurify_ros.eval.ablation:main",
+            "geopurify-probe = geopurify_ros.purify.probe:main",
             "geopurify-eval = geopurify_ros.eval.cli:main",
         ]
     },
