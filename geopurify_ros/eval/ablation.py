@@ -122,15 +122,6 @@ def run_variant(v: Variant, vmap, student, config) -> torch.Tensor:
     return tm.channel(cfg.output_channel).float()
 
 
-def score(vmap, feats: torch.Tensor, scorer, gt_xyz, gt_labels, class_names, radius, ignore, min_obs: int = 1):
-    from .metrics import evaluate
-
-    labels, _ = scorer.label(feats)
-    keep = vmap.counts >= min_obs
-    return evaluate(gt_xyz, gt_labels, vmap.xyz[keep].numpy(), labels[keep].numpy().astype(np.int64),
-                    class_names, radius, ignore)
-
-
 # ------------------------------------------------------------------------------------------------ tables
 def _fmt(x) -> str:
     return "—" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.1f}"
@@ -170,10 +161,12 @@ def markdown(results: dict, class_names: list[str], seeds: list[int]) -> str:
 
 
 def run_ablation(seeds: list[int], params_path: str | None, labels_path: str, out: Path,
-                 student_checkpoint: str | None = None, paper: dict | None = None, progress: bool = True) -> dict:
+                 student_checkpoint: str | None = None, progress: bool = True) -> dict:
     from .. import config as cfgmod
     from ..pipeline import MappingPipeline
-    from .cli import load_gt
+    from .cli import cloud_xyz_labels, load_gt
+    from .metrics import evaluate
+    from .replay import ablation_clouds
 
     class_names, ignore = cfgmod.load_labels(labels_path, "--labels")
     params = cfgmod.load_ros_params(params_path) if params_path else {}
@@ -183,25 +176,25 @@ def run_ablation(seeds: list[int], params_path: str | None, labels_path: str, ou
     pcfg = cfgmod.PipelineConfig.from_dict(params)
     pipe = MappingPipeline(pcfg)
     config = pipe.purifier.config
-    variants = default_variants(config.iterations, paper)
+    variants = default_variants(config.iterations)
     radius = 1.5 * pcfg.voxel_size
     results: dict = {}
     t0 = time.time()
     for s in seeds:
-        vmap = load_or_fuse(s, pipe, params)
+        pipe.voxel_map = load_or_fuse(s, pipe, params)
         gt_xyz, gt_labels = load_gt(str(demo_dir(s) / "ground_truth.npz"), class_names, ignore)
+        t = time.perf_counter()
+        clouds = ablation_clouds(pipe)
         results[s] = {}
-        for v in variants:
-            t = time.perf_counter()
-            feats = run_variant(v, vmap, pipe.purifier.student, config)
-            sc = score(vmap, feats, pipe.scorer, gt_xyz, gt_labels, class_names, radius, ignore,
-                       pcfg.cloud_min_observations)
+        for name, cloud in clouds.items():
+            sc = evaluate(gt_xyz, gt_labels, *cloud_xyz_labels(cloud), class_names, radius, ignore)
             d = sc.to_dict()
             d.pop("confusion")
-            d["seconds"] = round(time.perf_counter() - t, 2)
-            results[s][v.name] = d
+            results[s][name] = d
             if progress:
-                print(f"seed {s} {v.name:45s} mIoU {100 * sc.miou:5.1f}  ({d['seconds']} s)", file=sys.stderr)
+                print(f"seed {s} {name:45s} mIoU {100 * sc.miou:5.1f}", file=sys.stderr)
+        if progress:
+            print(f"seed {s}: {time.perf_counter() - t:.1f} s", file=sys.stderr)
     doc = {"seeds": seeds, "backend": pipe.backend.name, "feature_dim": pipe.backend.dim,
            "student": getattr(pipe.purifier.student, "meta", {}).get("command", "shipped"),
            "purify_config": dataclasses.asdict(config), "variants": [dataclasses.asdict(v) for v in variants],

@@ -45,6 +45,7 @@ class TrainConfig:
                                                    # the --data recordings with it and condition the student
     feature_model: str = ""
     feature_pretrained: str = ""                   # open_clip weights (the user's own)
+    params: str = "config/mapping.yaml"            # node params used for fusion (keyframe gate, depth range...)
     teacher_steps: int = 120
     student_steps: int = 250
     lr: float = 2e-3
@@ -318,13 +319,14 @@ def _summary(log: list, stage: str) -> dict:
 def fuse_recordings(cfg: TrainConfig, out: Path) -> list[tuple[object, str]]:
     """Fuse every --data recording with the configured feature backend (what the node would map; cached in
     <out>/fused/); returns [(VoxelMap, description)]. Labels are never read."""
-    from ..config import PipelineConfig
-    from ..eval.ablation import fuse_recording
+    from ..config import PipelineConfig, load_ros_params
+    from ..eval.ablation import fuse_recording, fused_map_path
     from ..pipeline import MappingPipeline
     from ..voxel_map import VoxelMap
     from .student import ConstantEmbedding
 
-    params = {"feature_backend": cfg.feature_backend, "voxel_size": cfg.voxel_size}
+    params = load_ros_params(cfg.params) if cfg.params and Path(cfg.params).is_file() else {}
+    params.update({"feature_backend": cfg.feature_backend, "voxel_size": cfg.voxel_size})
     if cfg.feature_model:
         params["feature_model"] = cfg.feature_model
     if cfg.feature_pretrained:
@@ -333,6 +335,10 @@ def fuse_recordings(cfg: TrainConfig, out: Path) -> list[tuple[object, str]]:
     maps = []
     for k, d in enumerate(cfg.data):
         path = out / "fused" / f"{pipe.backend.name}_{pipe.backend.dim}_{k}_{Path(d).name}.pt"
+        meta = Path(d) / "meta.json"
+        if meta.is_file() and not cfg.feature_model and not cfg.feature_pretrained:   # a demo recording: the
+            m = json.loads(meta.read_text())                                          # ablation tool's cache
+            path = fused_map_path(pipe.backend.name, pipe.backend.dim, int(m["seed"]), m["size"])
         if not path.is_file():
             pipe.reset()
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -434,13 +440,15 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     ap.add_argument("--feature-model", default=d.feature_model)
     ap.add_argument("--feature-pretrained", default=d.feature_pretrained, help="open_clip weights")
     ap.add_argument("--anchors", type=int, default=d.anchors)
+    ap.add_argument("--params", default=d.params, help="node params file used to fuse the recordings")
     ap.add_argument("--mse-weight", type=float, default=d.mse_weight, help="weight of the affinity calibration term")
     a = ap.parse_args(argv)
     return TrainConfig(out=a.out, data=a.data, procedural=a.procedural, seed=a.seed, teacher=a.teacher,
                        teacher_checkpoint=a.teacher_checkpoint, teacher_steps=a.teacher_steps,
                        student_steps=a.student_steps, crop=a.crop, lr=a.lr, threads=a.threads,
                        max_frames=a.max_frames, feature_backend=a.feature_backend, feature_model=a.feature_model,
-                       feature_pretrained=a.feature_pretrained, anchors=a.anchors, mse_weight=a.mse_weight)
+                       feature_pretrained=a.feature_pretrained, anchors=a.anchors, mse_weight=a.mse_weight,
+                       params=a.params)
 
 
 def main(argv: list[str] | None = None) -> int:
