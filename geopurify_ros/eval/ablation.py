@@ -97,12 +97,12 @@ def default_variants(iterations: int, paper: dict | None = None) -> list[Variant
         Variant("constant affinities + gates", "ggp", student="constant"),
         Variant("student, no gates", "ggp", gates=False),
         Variant("student + gates (default)", "ggp"),
-        Variant("paper-like (" + ", ".join(f"{k}={v}" for k, v in paper.items()) + ", no gates)", "ggp",
-                gates=False, overrides=dict(paper)),
+        Variant(f"paper-like (radius {paper['radius']}, {paper['iterations']} it., T {paper['temperature']}, no gates)",
+                "ggp", gates=False, overrides=dict(paper)),
     ]
 
 
-def sweep_variants(iterations=(3, 6, 10), temperatures=(0.1, 0.3), thresholds=(0.5, -1.0)) -> list[Variant]:
+def sweep_variants(iterations=(3, 10), temperatures=(0.1, 0.3), thresholds=(0.5, -1.0)) -> list[Variant]:
     """Operating-point grid for choosing the pooling defaults (run on training seeds >= 1000 only)."""
     out = [Variant("raw", "raw")]
     for it in iterations:

@@ -21,8 +21,6 @@ import torch
 from .geometry import VoxelGrid, colour_stats, colors_float, edge_list, normals_curvature
 from .rooms import EVAL_SEEDS, check_training_seed, room_cloud, voxel_labels
 
-N_HANDMADE = 14
-
 
 def voxel_room(seed: int, voxel_size: float = 0.05, ignore: int = 65535):
     """(xyz (V,3) float32, colours (V,3) uint8, labels (V,) int64) of a room voxelised at `voxel_size`."""
@@ -39,7 +37,7 @@ def voxel_room(seed: int, voxel_size: float = 0.05, ignore: int = 65535):
 
 
 def handmade_features(xyz: torch.Tensor, colors: torch.Tensor, voxel_size: float = 0.05) -> torch.Tensor:
-    """(N,14): colour, local colour mean and std, |n_z|, |n_x|+|n_y| (verticality), curvature, occupancy,
+    """(N,15): colour, local colour mean and std, |n_z|, |n_x|+|n_y| (verticality), curvature, occupancy,
     height above the floor (2nd percentile of z) and its square — what a geometry + colour hand design sees."""
     nb = VoxelGrid(xyz, voxel_size).neighbours()
     edges = edge_list(nb)

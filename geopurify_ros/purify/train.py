@@ -54,6 +54,7 @@ class TrainConfig:
     neg_exclusion: float = 0.15
     anchors: int = 4096
     neg_random: int = 48                           # stage 2 negatives per anchor: random voxels of the crop
+                                                   # (shared by the step's anchors)
     neg_near: int = 15                             #   + spatially near ones (radius-2 cube): hard negatives
     nce_distill_temperature: float = 0.07
     mse_weight: float = 1.0
@@ -225,18 +226,21 @@ def near_negatives(grid: VoxelGrid, anchors: torch.Tensor, k: int, radius: int, 
     return torch.where(top >= 0, pick, fill)
 
 
-def distill_info_nce(s_proj: torch.Tensor, t_emb: torch.Tensor, anchors: torch.Tensor, negatives: torch.Tensor,
-                     temperature: float) -> tuple[torch.Tensor, float]:
+def distill_info_nce(s_proj: torch.Tensor, t_emb: torch.Tensor, anchors: torch.Tensor, near: torch.Tensor,
+                     random: torch.Tensor, temperature: float) -> tuple[torch.Tensor, float]:
     """InfoNCE of the student's projected embedding of each anchor against the frozen teacher embeddings:
-    positive = the anchor's own teacher embedding, negatives = the teacher embeddings of `negatives` (A,K).
-    Returns (loss, top-1 accuracy)."""
+    positive = the anchor's own teacher embedding; negatives = the teacher embeddings of its spatially near
+    voxels `near` (A,K) and of `random` (R,) voxels shared by all anchors of the step (in-batch negatives:
+    one (A,R) product instead of an (A,R,T) gather). Returns (loss, top-1 accuracy)."""
     q = s_proj[anchors]                                                   # (A,T)
-    keys = torch.cat([t_emb[anchors, None, :], t_emb[negatives]], 1)      # (A,1+K,T)
-    logits = (q[:, None, :] * keys).sum(-1) / temperature
-    same = negatives == anchors[:, None]                                  # a random pick of the anchor itself
+    pos = (q * t_emb[anchors]).sum(-1, keepdim=True)
+    hard = torch.einsum("at,akt->ak", q, t_emb[near])
+    rand = q @ t_emb[random].T
+    logits = torch.cat([pos, hard, rand], 1) / temperature
+    same = torch.cat([near == anchors[:, None], random[None, :] == anchors[:, None]], 1)   # the anchor itself
     logits[:, 1:] = logits[:, 1:].masked_fill(same, float("-inf"))
     target = torch.zeros(anchors.numel(), dtype=torch.long)
-    acc = float((logits.argmax(1) == 0).float().mean())
+    acc = float((logits.detach().argmax(1) == 0).float().mean())
     return torch.nn.functional.cross_entropy(logits, target), acc
 
 
@@ -282,9 +286,9 @@ def train_student(cfg: TrainConfig, scenes: list[DistillScene], log: list, featu
         s_emb = net(xyz, sc.colors[idx], nb, features=feats)
         s_proj = torch.nn.functional.normalize(head(s_emb), dim=1)
         anchors = torch.randperm(n, generator=gen)[:cfg.anchors]
-        negs = torch.cat([torch.randint(0, n, (anchors.numel(), cfg.neg_random), generator=gen),
-                          near_negatives(grid, anchors, cfg.neg_near, 2, gen, n)], 1)
-        nce, acc = distill_info_nce(s_proj, t_emb, anchors, negs, cfg.nce_distill_temperature)
+        near = near_negatives(grid, anchors, cfg.neg_near, 2, gen, n)
+        rand = torch.randint(0, n, (cfg.neg_random,), generator=gen)
+        nce, acc = distill_info_nce(s_proj, t_emb, anchors, near, rand, cfg.nce_distill_temperature)
         ring = nb[anchors]
         valid = ring >= 0
         rc = ring.clamp(min=0)
@@ -296,9 +300,9 @@ def train_student(cfg: TrainConfig, scenes: list[DistillScene], log: list, featu
         loss.backward()
         opt.step()
         sched.step()
-        log.append({"stage": "student", "step": step, "loss": float(loss), "nce": float(nce), "top1": acc,
-                    "mse": float(mse)})
-        bar.set_postfix(nce=f"{float(nce):.3f}", top1=f"{acc:.2f}", mse=f"{float(mse):.3f}")
+        log.append({"stage": "student", "step": step, "loss": loss.item(), "nce": nce.item(), "top1": acc,
+                    "mse": mse.item()})
+        bar.set_postfix(nce=f"{log[-1]['nce']:.3f}", top1=f"{acc:.2f}", mse=f"{log[-1]['mse']:.3f}")
     return net.eval()
 
 
