@@ -92,6 +92,12 @@ def test_feature_conditioned_student_checks_dimension(tmp_path, one_thread):
         e_other = net(s.xyz, s.colors, nb, features=torch.randn(len(s.xyz), 12))
     assert e.shape == (len(s.xyz), net.embed_dim) and net.uses_features
     assert not torch.allclose(e, e_other)            # the fused features really enter the embedding
+    big = torch.randn(5000, 12).half() * 3
+    with torch.no_grad():                            # blocked inference projection == the plain formula
+        fast = net.project(big, block=700)
+    with torch.enable_grad():
+        ref = net.project(big).detach()
+    assert torch.allclose(fast, ref, atol=1e-5)
     with pytest.raises(ValueError, match="student_checkpoint"):
         net(s.xyz, s.colors, nb, features=torch.randn(len(s.xyz), 7))
     path = tmp_path / "student_fake.pt"
