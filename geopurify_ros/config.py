@@ -69,7 +69,7 @@ class PipelineConfig(ParamConfig):
     # Purification (student affinities + geometry-guided pooling)
     purify_mode: str = "pooled"             # raw | purified | pooled
     student_checkpoint: str = ""            # "" = checkpoint shipped in the package
-    pooling_iterations: int = 10
+    pooling_iterations: int = 3
     pooling_radius: int = 1                 # pooling neighbourhood in voxels (1 = 26-ring, 2 = 5x5x5 cube, ...)
     pooling_temperature: float = 0.3
     affinity_threshold: float = 0.5

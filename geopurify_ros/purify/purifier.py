@@ -32,7 +32,7 @@ MODES = ("raw", "purified", "pooled")
 
 @dataclass
 class PurifyConfig:
-    iterations: int = 10                # GGP iterations in "pooled" mode ("purified" always uses 1)
+    iterations: int = 3                 # GGP iterations in "pooled" mode ("purified" always uses 1)
     radius: int = 1                     # pooling neighbourhood: voxels within this Chebyshev radius (1 = 26-ring)
     temperature: float = 0.3            # affinity softmax temperature on cosine
     affinity_threshold: float = 0.5     # neighbours with cosine below this get weight 0
