@@ -137,7 +137,7 @@ def pretrain(cfg: PretrainConfig, argv: list[str] | None = None, progress: bool 
             loss = loss + cfg.weights[lv] * li
             with torch.no_grad():
                 top1 = float(((za[lv][ia] @ zb[lv][ib].T).argmax(1) == torch.arange(ia.numel())).float().mean())
-            parts[f"nce{lv}"], parts[f"top1_{lv}"] = float(li), top1
+            parts[f"nce{lv}"], parts[f"top1_{lv}"] = li.item(), top1
         # cosine schedule over whichever bound (steps or wall time) comes first, 5 % linear warm-up
         frac = min(max(step / max(cfg.steps, 1), (time.time() - t_train) / max(deadline - t_train, 1e-9)), 1.0)
         for g in opt.param_groups:
@@ -146,7 +146,7 @@ def pretrain(cfg: PretrainConfig, argv: list[str] | None = None, progress: bool 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
         opt.step()
-        log.append({"step": step, "t": round(time.time() - t0, 1), "loss": float(loss), **parts})
+        log.append({"step": step, "t": round(time.time() - t0, 1), "loss": loss.item(), **parts})
         if progress and step % 20 == 0:
             print(json.dumps(log[-1]), file=sys.stderr, flush=True)
         if (step + 1) % cfg.save_every == 0:
