@@ -45,24 +45,33 @@ def main(argv=None) -> None:
     ap.add_argument("--mode", default="pooled", choices=["pooled", "purified", "raw"])
     ap.add_argument("--leakage", action="store_true", help="also print the poster / L-corner leakage table")
     ap.add_argument("--leakage-only", action="store_true")
-    ap.add_argument("--student", default="", help="student checkpoint (default: the shipped one)")
+    ap.add_argument("--student", default="", help="student checkpoint (default: the one shipped for --backend)")
+    ap.add_argument("--backend", default="conse", help="feature backend whose shipped student is used")
     ap.add_argument("--device", default="cpu", help="cpu | cuda[:N]: map, student and pooling on this device")
+    ap.add_argument("--iterations", type=int, default=PurifyConfig.iterations)
+    ap.add_argument("--radius", type=int, default=PurifyConfig.radius)
+    ap.add_argument("--temperature", type=float, default=PurifyConfig.temperature)
+    ap.add_argument("--threshold", type=float, default=PurifyConfig.affinity_threshold)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    student = load_student(a.student or None) if (a.student or DEFAULT_CHECKPOINT.is_file()) \
-        else StudentAffinityNet().eval()
+    student = load_student(a.student or None, backend=a.backend, feature_dim=a.dim) \
+        if (a.student or DEFAULT_CHECKPOINT.is_file()) else StudentAffinityNet().eval()
+    cfg = PurifyConfig(iterations=a.iterations, radius=a.radius, temperature=a.temperature,
+                       affinity_threshold=a.threshold)
     sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
     print(f"torch {torch.__version__}, threads {a.threads}, device {a.device}, D={a.dim}, mode={a.mode}, "
-          f"student={'shipped' if DEFAULT_CHECKPOINT.is_file() else 'random-init'}")
+          f"student={getattr(student, 'meta', {}).get('command', 'random-init')} "
+          f"(feature_dim={student.config.feature_dim}), iterations={cfg.iterations}, radius={cfg.radius}, "
+          f"T={cfg.temperature}, threshold={cfg.affinity_threshold}")
     if a.leakage or a.leakage_only:
-        leakage_table(student)
+        leakage_table(student, cfg, a.dim)
         if a.leakage_only:
             return
     print(f"{'voxels':>8} {'full ms':>9} {'(embed':>7} {'pool)':>7} {'inc ms':>8} {'(embed':>7} {'pool)':>7} "
           f"{'embedded':>8} {'updated':>8} {'full/inc':>8}")
     for n in a.sizes:
         vm, _ = build_map(n, a.dim, device=a.device)
-        p = Purifier(student, PurifyConfig(), device=a.device)
+        p = Purifier(student, cfg, device=a.device)
         fulls, incs = [], []
         for r in range(a.repeats):
             sync()
@@ -87,14 +96,18 @@ def main(argv=None) -> None:
 
 
 
-def leakage_table(student) -> None:
-    """Poster-on-wall leakage and L-corner boundary accuracy for each variant (printed as a table)."""
+def leakage_table(student, cfg: PurifyConfig, dim: int) -> None:
+    """Poster-on-wall leakage and L-corner boundary accuracy for each variant (printed as a table).
+
+    The simulated fused features are noisy one-hots of 8 classes; a feature-conditioned student sees them
+    mapped into its D-dim feature space by fixed random unit class vectors (like text embeddings)."""
     from geopurify_ros.purify.geometry import edge_gates, grid_neighbours, normals_curvature
     from geopurify_ros.purify.pooling import geometry_guided_pooling, uniform_smoothing
     from geopurify_ros.purify.scenes import l_corner, leakage, noisy_onehot, poster_features, poster_wall
 
     vs = 0.05
     rows = []
+    class_vectors = torch.nn.functional.normalize(torch.randn(8, dim, generator=torch.Generator().manual_seed(7)), dim=1)
     for seed in range(3):
         pw = poster_wall(seed)
         feats, poster = poster_features(pw, seed=seed)
@@ -105,19 +118,21 @@ def leakage_table(student) -> None:
         for name, (s, f) in {"poster": (pw, feats), "corner": (lc, lf)}.items():
             nb = grid_neighbours(s.xyz, vs)
             nrm, _ = normals_curvature(s.xyz, nb)
+            kw = {"features": f @ class_vectors} if student.uses_features else {}
             with torch.no_grad():
-                emb = student(s.xyz, s.colors, nb)
+                emb = student(s.xyz, s.colors, nb, **kw)
             ones = torch.ones(len(s.xyz), 4)
             g_all = edge_gates(s.xyz, s.colors, nrm, nb, vs)
             g_geo = edge_gates(s.xyz, s.colors, nrm, nb, vs, color_sigma=None)
+            it, pk = cfg.iterations, {"temperature": cfg.temperature, "affinity_threshold": cfg.affinity_threshold}
             out = {
                 "raw (fused)": f,
-                "uniform smoothing x3": uniform_smoothing(f, nb, 3),
-                "GGP student, no gates x3": geometry_guided_pooling(f, emb, nb, 3),
-                "purified (student, 1 iter)": geometry_guided_pooling(f, emb, nb, 1),
-                "GGP no student, normal+depth gates": geometry_guided_pooling(f, ones, nb, 3, gates=g_geo),
-                "GGP student, normal+depth gates": geometry_guided_pooling(f, emb, nb, 3, gates=g_geo),
-                "pooled: student + all gates (default)": geometry_guided_pooling(f, emb, nb, 3, gates=g_all),
+                f"uniform smoothing x{it}": uniform_smoothing(f, nb, it),
+                f"GGP student, no gates x{it}": geometry_guided_pooling(f, emb, nb, it, **pk),
+                "purified (student, 1 iter)": geometry_guided_pooling(f, emb, nb, 1, **pk),
+                "GGP no student, normal+depth gates": geometry_guided_pooling(f, ones, nb, it, gates=g_geo, **pk),
+                "GGP student, normal+depth gates": geometry_guided_pooling(f, emb, nb, it, gates=g_geo, **pk),
+                "pooled: student + all gates (default)": geometry_guided_pooling(f, emb, nb, it, gates=g_all, **pk),
             }
             for k, v in out.items():
                 if name == "poster":

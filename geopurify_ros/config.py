@@ -70,7 +70,8 @@ class PipelineConfig(ParamConfig):
     purify_mode: str = "pooled"             # raw | purified | pooled
     student_checkpoint: str = ""            # "" = checkpoint shipped in the package
     pooling_iterations: int = 3
-    pooling_temperature: float = 0.1
+    pooling_radius: int = 1                 # pooling neighbourhood in voxels (1 = 26-ring, 2 = 5x5x5 cube, ...)
+    pooling_temperature: float = 0.3
     affinity_threshold: float = 0.5
     color_gate: bool = True
     normal_gate: bool = True
@@ -93,6 +94,8 @@ class PipelineConfig(ParamConfig):
         need(self.depth_weighting in ("depth", "uniform"), "depth_weighting", "must be 'depth' or 'uniform'")
         need(self.purify_mode in ("raw", "purified", "pooled"), "purify_mode", "must be raw, purified or pooled")
         need(self.pooling_iterations >= 0, "pooling_iterations", "must be >= 0")
+        need(int(self.pooling_radius) == self.pooling_radius and self.pooling_radius >= 1, "pooling_radius",
+             "must be an integer >= 1")
         need(self.pooling_temperature > 0, "pooling_temperature", "must be > 0")
         need(-1.0 <= self.affinity_threshold <= 1.0, "affinity_threshold", "must be in [-1, 1]")
         need(len(self.class_names) >= 2, "class_names", "needs at least two classes")

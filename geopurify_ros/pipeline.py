@@ -72,7 +72,8 @@ class MappingPipeline:
                                  templates=list(self.config.prompt_templates) or None,
                                  negatives=list(self.config.query_negatives))
         if student is None:
-            student = load_student(self.config.student_checkpoint or None)
+            student = load_student(self.config.student_checkpoint or None, backend=self.backend.name,
+                                   feature_dim=self.backend.dim)
         self.purifier = Purifier(student=student, config=self._purify_config(), device=self.device)
         self.voxel_map = self._new_map()
         self._lock = RWLock()
@@ -98,7 +99,7 @@ class MappingPipeline:
 
     def _purify_config(self) -> PurifyConfig:
         c = self.config
-        return PurifyConfig(iterations=c.pooling_iterations, temperature=c.pooling_temperature,
+        return PurifyConfig(iterations=c.pooling_iterations, radius=c.pooling_radius, temperature=c.pooling_temperature,
                             affinity_threshold=c.affinity_threshold, color_gate=c.color_gate,
                             normal_gate=c.normal_gate)
 

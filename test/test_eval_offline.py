@@ -67,7 +67,7 @@ def offline_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("offline")
     bag = write_synthetic_bag(tmp / "bag", n=3)
     code = main([str(bag), "--labels", LABELS, "--params", str(eval_params(tmp)), "--out", str(tmp / "report"),
-                 "--quiet"])
+                 "--quiet", "--ablation"])
     return code, tmp
 
 
@@ -89,6 +89,13 @@ def test_offline_cli_writes_report(offline_run):
     for name in doc["figures"]:
         assert (rep / name).stat().st_size > 5000   # real PNGs
     assert {"offline_top.png", "offline_perspective.png", "offline_iou_bars.png", "offline_confusion_pooled.png"} <= set(doc["figures"])
+    # --ablation: the variants re-label the same fused map; "raw" and the default agree with the modes
+    abl = doc["results"]["ablation"]
+    assert list(abl)[:5] == ["raw", "uniform smoothing", "constant affinities + gates", "student, no gates",
+                             "student + gates (default)"] and list(abl)[5].startswith("paper-like")
+    assert abl["raw"]["miou"] == res["raw"]["miou"]
+    assert abl["student + gates (default)"]["miou"] == pytest.approx(res["pooled"]["miou"], abs=1e-6)
+    assert "| ablation | uniform smoothing |" in md
 
 
 def test_gt_that_misses_the_map_is_rejected():

@@ -35,8 +35,16 @@ def _fuse(vm, s, feats, idx, stamp):
     vm.fuse(s.xyz[idx], feats[idx], s.colors[idx], stamp=stamp, sensor_origin=torch.tensor([1.0, 1.0, 1.5]))
 
 
-@pytest.mark.parametrize("mode", ["pooled", "purified", "raw"])
-def test_incremental_equals_full_on_voxel_map(student, scene, mode):
+@pytest.fixture(scope="module")
+def feature_student():
+    torch.manual_seed(1)
+    return StudentAffinityNet(StudentConfig(feature_dim=D, backend="test")).eval()
+
+
+@pytest.mark.parametrize("mode,radius,conditioned", [("pooled", 1, False), ("purified", 1, False), ("raw", 1, False),
+                                                     ("pooled", 2, False), ("pooled", 1, True), ("pooled", 2, True)])
+def test_incremental_equals_full_on_voxel_map(student, feature_student, scene, mode, radius, conditioned):
+    student = feature_student if conditioned else student
     s = scene
     n = len(s.xyz)
     feats = noisy_onehot(s.instance)
@@ -44,7 +52,7 @@ def test_incremental_equals_full_on_voxel_map(student, scene, mode):
     first = torch.nonzero(s.xyz[:, 0] < s.xyz[:, 0].quantile(0.7)).squeeze(1)
     rest = torch.nonzero(s.xyz[:, 0] >= s.xyz[:, 0].quantile(0.7)).squeeze(1)
     _fuse(vm, s, feats, first, 0.0)
-    p = Purifier(student, PurifyConfig())
+    p = Purifier(student, PurifyConfig(radius=radius, iterations=3))
     st0 = p.purify(vm, mode=mode)
     assert not st0.incremental and st0.updated == len(vm)
     assert vm.dirty_slots().numel() == 0
@@ -55,9 +63,10 @@ def test_incremental_equals_full_on_voxel_map(student, scene, mode):
     feats2[reobs] = noisy_onehot(s.instance[reobs], 1.0, seed=5)
     _fuse(vm, s, feats2, torch.cat([rest, reobs]), 1.0)
     st1 = p.purify(vm, mode=mode)
-    assert st1.incremental and 0 < st1.updated < len(vm)
+    # (radius 2 x 3 iterations reach across this 2 m test room: everything is affected)
+    assert st1.incremental and 0 < st1.updated and (st1.updated < len(vm) or radius > 1)
     inc = vm.channel("purified").float().clone()
-    ref = Purifier(student, PurifyConfig()).purify(vm, mode=mode, incremental=False)
+    ref = Purifier(student, PurifyConfig(radius=radius, iterations=3)).purify(vm, mode=mode, incremental=False)
     assert not ref.incremental
     full = vm.channel("purified").float()
     assert torch.allclose(inc, full, atol=2e-3), (inc - full).abs().max()
@@ -72,14 +81,14 @@ def test_evicted_voxels_refresh_their_neighbours(student, scene):
     vm = VoxelMap(voxel_size=VS, feature_dim=D, max_voxels=n - 300, eviction="farthest")
     order = torch.argsort(s.xyz[:, 0])
     _fuse(vm, s, feats, order[: n - 600], 0.0)
-    p = Purifier(student, PurifyConfig())
+    p = Purifier(student, PurifyConfig(iterations=3))     # 3 rings: the refresh stays local in this small room
     p.purify(vm)
     vm.fuse(s.xyz[order[n - 600:]], feats[order[n - 600:]], s.colors[order[n - 600:]], stamp=1.0,
             sensor_origin=s.xyz[order[-1]])                         # forces ~300 evictions at the far end
     assert len(vm) == n - 300
     p.purify(vm)
     inc = vm.channel("purified").float().clone()
-    Purifier(student, PurifyConfig()).purify(vm, incremental=False)
+    Purifier(student, PurifyConfig(iterations=3)).purify(vm, incremental=False)
     assert torch.allclose(inc, vm.channel("purified").float(), atol=2e-3)
 
 

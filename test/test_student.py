@@ -10,7 +10,7 @@ from geopurify_ros.purify.scenes import _Builder
 from geopurify_ros.purify.student import (DEFAULT_CHECKPOINT, StudentAffinityNet, StudentConfig, affinity,
                                           load_student)
 from geopurify_ros.purify.teacher import SSLTeacher
-from geopurify_ros.purify.train import _candidates, distill_loss
+from geopurify_ros.purify.train import distill_info_nce, near_negatives
 
 VS = 0.05
 
@@ -47,31 +47,79 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def test_student_overfits_teacher_affinities_on_a_tiny_scene(one_thread):
+def test_student_overfits_teacher_by_info_nce_on_a_tiny_scene(one_thread):
     torch.manual_seed(0)
     s = tiny_scene(size=0.6)                 # ~600 voxels: keeps the test at a few seconds
     grid = VoxelGrid(s.xyz, VS)
     nb = grid.neighbours()
     teacher = SSLTeacher().eval()
-    with torch.no_grad():   # a random teacher still defines a fixed, non-trivial affinity target
+    with torch.no_grad():   # a random teacher still defines fixed, non-trivial targets
         t_emb = teacher.embed(s.xyz, s.colors)
     gen = torch.Generator().manual_seed(0)
-    anchors = torch.randperm(len(s.xyz), generator=gen)[:256]
-    cand = _candidates(grid, anchors, len(s.xyz), gen)
-    valid = (cand >= 0) & (cand != anchors[:, None])
-    t = (t_emb[anchors, None] * t_emb[cand.clamp(min=0)]).sum(-1)
+    n = len(s.xyz)
+    anchors = torch.randperm(n, generator=gen)[:256]
+    near = near_negatives(grid, anchors, 15, 2, gen, n)
+    # hard negatives really are near: within the radius-2 cube (2 voxels per axis), except the random
+    # top-ups of anchors whose cube holds fewer than 15 voxels (scene corners)
+    d = (s.xyz[near] - s.xyz[anchors, None]).abs().amax(-1)
+    full = (grid.neighbours(anchors, 2) >= 0).sum(1) >= 15
+    assert full.float().mean() > 0.5 and float(d[full].max()) < 3 * VS      # voxel means, not centres
+    rand = torch.randint(0, n, (48,), generator=gen)
     net = StudentAffinityNet()
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    losses = []
+    head = torch.nn.Linear(net.embed_dim, t_emb.shape[1])
+    opt = torch.optim.Adam(list(net.parameters()) + list(head.parameters()), lr=3e-3)
+    losses, accs = [], []
     for _ in range(60):
-        e = net(s.xyz, s.colors, nb)
-        sa = (e[anchors, None] * e[cand.clamp(min=0)]).sum(-1)
-        loss, _ = distill_loss(sa, t, valid, 0.1, 2.0)
+        e = torch.nn.functional.normalize(head(net(s.xyz, s.colors, nb)), dim=1)
+        loss, acc = distill_info_nce(e, t_emb, anchors, near, rand, 0.07)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.4 * losses[0], losses[::10]
+        accs.append(acc)
+    assert losses[-1] < 0.8 * losses[0], losses[::10]    # floor ~ln(16): near negatives look alike
+    assert accs[-1] > accs[0] + 0.1, accs[::10]
+
+
+def test_feature_conditioned_student_checks_dimension(tmp_path, one_thread):
+    torch.manual_seed(0)
+    s = tiny_scene(size=0.6)
+    nb = grid_neighbours(s.xyz, VS)
+    net = StudentAffinityNet(StudentConfig(feature_dim=12, backend="fake")).eval()
+    f = torch.randn(len(s.xyz), 12)
+    with torch.no_grad():
+        e = net(s.xyz, s.colors, nb, features=f)
+        e_other = net(s.xyz, s.colors, nb, features=torch.randn(len(s.xyz), 12))
+    assert e.shape == (len(s.xyz), net.embed_dim) and net.uses_features
+    assert not torch.allclose(e, e_other)            # the fused features really enter the embedding
+    big = torch.randn(5000, 12).half() * 3
+    with torch.no_grad():                            # blocked inference projection == the plain formula
+        fast = net.project(big, block=700)
+    with torch.enable_grad():
+        ref = net.project(big).detach()
+    assert torch.allclose(fast, ref, atol=1e-5)
+    with pytest.raises(ValueError, match="student_checkpoint"):
+        net(s.xyz, s.colors, nb, features=torch.randn(len(s.xyz), 7))
+    path = tmp_path / "student_fake.pt"
+    net.save(path)
+    assert load_student(path, feature_dim=12).config.feature_dim == 12
+    with pytest.raises(ValueError, match="student_checkpoint.*12-d features of backend 'fake'.*384-d"):
+        load_student(path, feature_dim=384)
+
+
+def test_backend_without_shipped_student_falls_back_with_one_warning():
+    import warnings
+
+    from geopurify_ros.purify import student as st
+
+    st._WARNED.discard("no_such_backend")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        a = load_student(backend="no_such_backend", feature_dim=512)
+        b = load_student(backend="no_such_backend", feature_dim=512)
+    msgs = [str(x.message) for x in w if "student_checkpoint" in str(x.message)]
+    assert len(msgs) == 1 and "no_such_backend" in msgs[0] and "geopurify-train" in msgs[0]
+    assert not a.uses_features and not b.uses_features
 
 
 def test_affinity_helper_masks_missing_neighbours():

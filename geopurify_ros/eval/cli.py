@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--purify-modes", default="raw,purified,pooled", help="modes scored on the one fused map")
     p.add_argument("--compare-backends", default="", metavar="NAME,...",
                    help="also replay offline with these feature backends (e.g. conse) and report them in the same tables")
+    p.add_argument("--ablation", action="store_true",
+                   help="offline mode: also score the GeoPurify ablation variants (raw, uniform smoothing, constant "
+                        "affinities + gates, student without gates, student + gates, paper-like) on the fused map")
     p.add_argument("--node-timeout", type=float, default=120.0, help="ros mode: seconds to wait for the node to start/answer")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -237,7 +240,8 @@ def run(args) -> Path:
             gt_xyz, gt_labels = gt_from_label_images(source, class_names, ignore_label, config.voxel_size, args.max_frames)
         results = {}
         if args.mode in ("offline", "both"):
-            results["offline"] = replay_offline(source, config, params, modes, args.max_frames, progress=not args.quiet)
+            results["offline"] = replay_offline(source, config, params, modes, args.max_frames, progress=not args.quiet,
+                                                ablation=args.ablation)
         for name in filter(None, (b.strip() for b in args.compare_backends.split(","))):
             # same bag, same parameters, only the feature backend differs (its own default model and width)
             other = dict(params, feature_backend=name, feature_model="", feature_image_width=0)
@@ -255,6 +259,14 @@ def run(args) -> Path:
                                         workdir=out / "ros_replay")    # node params + node.log kept beside the report
 
     scores, preds = score_results(results, gt_xyz, gt_labels, class_names, radius, ignore_label)
+    abl = results["offline"].extra.pop("ablation_clouds", None) if "offline" in results else None
+    if abl:                      # one more "run" whose modes are the ablation variants (same fused map)
+        from .replay import ReplayResult
+
+        s, p = score_results({"ablation": ReplayResult(abl, 0, 0, 0.0, "ablation")}, gt_xyz, gt_labels, class_names,
+                             radius, ignore_label)
+        scores.update(s)
+        preds.update(p)
     meta = {
         "bag": str(args.bag), "gt": args.gt or f"label images on {topics.labels}", "gt_points": int(len(gt_xyz)),
         "labels": args.labels, "params": params_path, "voxel_size": config.voxel_size, "match_radius": radius,

@@ -68,7 +68,7 @@ def _on_worker_thread(fn, *args):
 
 
 def replay_offline(source: BagSource, config, params: dict[str, Any], modes=MODES, max_frames: int | None = None,
-                   progress: bool = True) -> ReplayResult:
+                   progress: bool = True, ablation: bool = False) -> ReplayResult:
     """Fuse the bag's frames with `MappingPipeline`, then label the map once per purify mode."""
     try:
         from geopurify_ros.pipeline import MappingPipeline
@@ -76,10 +76,26 @@ def replay_offline(source: BagSource, config, params: dict[str, Any], modes=MODE
         pipe = MappingPipeline(config)
     except (ValueError, OSError) as exc:       # e.g. a missing student checkpoint
         raise EvalError(f"pipeline: {exc}") from None
-    return _on_worker_thread(_replay_offline, pipe, source, config, params, modes, max_frames, progress)
+    return _on_worker_thread(_replay_offline, pipe, source, config, params, modes, max_frames, progress, ablation)
 
 
-def _replay_offline(pipe, source: BagSource, config, params, modes, max_frames, progress) -> ReplayResult:
+def ablation_clouds(pipe, variants=None) -> dict[str, np.ndarray]:
+    """Labelled clouds of the GeoPurify ablation variants (eval/ablation.py) on the pipeline's fused map."""
+    from geopurify_ros.pointcloud2 import make_cloud
+
+    from .ablation import default_variants, run_variant
+
+    vm, cfg = pipe.voxel_map, pipe.purifier.config
+    keep = (vm.counts >= pipe.config.cloud_min_observations).cpu()
+    out = {}
+    for v in variants or default_variants(cfg.iterations):
+        labels, scores = pipe.scorer.label(run_variant(v, vm, pipe.purifier.student, cfg))
+        out[v.name] = make_cloud(vm.xyz[keep].cpu().numpy(), vm.colors[keep].cpu().numpy(),
+                                 labels[keep].cpu().numpy().astype(np.uint16), scores[keep].cpu().numpy())
+    return out
+
+
+def _replay_offline(pipe, source: BagSource, config, params, modes, max_frames, progress, ablation=False) -> ReplayResult:
     from tqdm import tqdm
 
     gate = keyframe_selector(params)
@@ -106,7 +122,9 @@ def _replay_offline(pipe, source: BagSource, config, params, modes, max_frames, 
         pipe.set_purify_mode(mode)
         pipe.purify(incremental=False)
         clouds[mode] = pipe.labelled_cloud()
+    extra_clouds = ablation_clouds(pipe) if ablation else None
     return ReplayResult(clouds=clouds, frames_read=n_read, frames_fused=n_fused, seconds=fuse_s, source="offline",
-                        extra={"skipped": dict(source.skipped), "total_s": time.perf_counter() - t0,
+                        extra={"ablation_clouds": extra_clouds, "skipped": dict(source.skipped),
+                               "total_s": time.perf_counter() - t0,
                                "frame_ms_mean": 1e3 * frame_s / max(n_fused, 1),
                                "class_names": list(getattr(pipe, "class_names", config.class_names))})

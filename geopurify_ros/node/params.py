@@ -108,6 +108,7 @@ _PIPELINE_DOC = {
     "purify_mode": ("Feature purification: raw | purified | pooled", None),
     "student_checkpoint": ("Student affinity network checkpoint ('' = shipped checkpoint)", None),
     "pooling_iterations": ("Geometry-guided pooling iterations", (0, 100)),
+    "pooling_radius": ("Pooling neighbourhood radius in voxels (1 = 26 neighbours, 2 = 5x5x5 cube)", (1, 8)),
     "pooling_temperature": ("Affinity softmax temperature", (1e-6, 100.0)),
     "affinity_threshold": ("Minimum student affinity for pooling neighbours", (-1.0, 1.0)),
     "color_gate": ("Gate pooling affinities by colour similarity", None),

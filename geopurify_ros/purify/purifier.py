@@ -33,7 +33,8 @@ MODES = ("raw", "purified", "pooled")
 @dataclass
 class PurifyConfig:
     iterations: int = 3                 # GGP iterations in "pooled" mode ("purified" always uses 1)
-    temperature: float = 0.1            # affinity softmax temperature on cosine
+    radius: int = 1                     # pooling neighbourhood: voxels within this Chebyshev radius (1 = 26-ring)
+    temperature: float = 0.3            # affinity softmax temperature on cosine
     affinity_threshold: float = 0.5     # neighbours with cosine below this get weight 0
     self_weight: float = 1.0            # weight of the voxel's own feature (neighbour weight <= 1)
     color_gate: bool = True             # gates, "pooled" mode only
@@ -50,6 +51,8 @@ class PurifyConfig:
     def __post_init__(self) -> None:
         if self.iterations < 0:
             raise ValueError(f"iterations: must be >= 0 (got {self.iterations})")
+        if int(self.radius) != self.radius or self.radius < 1:
+            raise ValueError(f"radius: must be an integer >= 1 (got {self.radius})")
         if self.temperature <= 0:
             raise ValueError(f"temperature: must be > 0 (got {self.temperature})")
         if not -1.0 <= self.affinity_threshold <= 1.0:
@@ -155,6 +158,17 @@ class Purifier:
                 return VoxelGrid.from_ijk(unpack_keys(keys), 1.0).neighbours()
         return vmap.neighbours(torch.arange(len(vmap), device=vmap.xyz.device))
 
+    def _pool_table(self, vmap, nb: torch.Tensor) -> torch.Tensor:
+        """Pooling neighbourhood of the whole map: the 26-ring table itself, or the radius-r cube."""
+        r = self.config.radius
+        if r == 1:
+            return nb
+        keys = getattr(vmap, "keys", None)
+        if torch.is_tensor(keys):
+            from ..voxel_map import unpack_keys
+            return VoxelGrid.from_ijk(unpack_keys(keys), 1.0).neighbours(radius=r)
+        return vmap.neighbours(torch.arange(len(vmap), device=vmap.xyz.device), r)
+
     def _evicted_rings(self, vmap) -> torch.Tensor:
         """Slots of surviving voxels adjacent to voxels that vanished since the last pass."""
         keys = getattr(vmap, "keys", None)
@@ -172,12 +186,13 @@ class Purifier:
         slots = vmap.lookup(ring)
         return slots[slots >= 0].unique()
 
-    def _embed(self, xyz, colors, nb, edges=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _embed(self, xyz, colors, nb, edges=None, features=None) -> tuple[torch.Tensor, torch.Tensor]:
         edges = edge_list(nb) if edges is None else edges
         normals, curv = normals_curvature(xyz, nb, edges=edges)
         dev = self.device
+        kw = {"features": features.to(dev)} if getattr(self.student, "uses_features", False) else {}
         emb = self.student(xyz.to(dev), colors.to(dev), nb.to(dev), normals.to(dev), curv.to(dev),
-                           edges=(edges[0].to(dev), edges[1].to(dev)))
+                           edges=(edges[0].to(dev), edges[1].to(dev)), **kw)
         return emb.to(xyz.device), normals
 
     def _full(self, vmap, mode: str, stats: PurifyStats) -> None:
@@ -193,7 +208,7 @@ class Purifier:
         nb = self._all_neighbours(vmap)
         src, dst = edge_list(nb)
         xyz = vmap.xyz.float()
-        emb, normals = self._embed(xyz, vmap.colors, nb, (src, dst))
+        emb, normals = self._embed(xyz, vmap.colors, nb, (src, dst), vmap.features)
         emb16 = emb.to(torch.float16)
         vmap.set_channel(c.embedding_channel, all_slots, emb16)
         vmap.set_channel(c.normal_channel, all_slots, normals.float())
@@ -201,6 +216,8 @@ class Purifier:
         stats.ms_embed = (time.perf_counter() - t) * 1e3
         t = time.perf_counter()
         iters, use_gates = self._pool_params(mode)
+        if c.radius > 1:                # wider pooling neighbourhood than the student's ring
+            src, dst = edge_list(self._pool_table(vmap, nb))
         # Pool from exactly what the channels hold (float16 embeddings, float32 normals): the incremental
         # pass reads the channels, so full and incremental agree.
         gates = edge_gate_values(xyz, vmap.colors, normals.float(), src, dst, self._voxel_size(vmap),
@@ -226,7 +243,7 @@ class Purifier:
         changed = expand_hops(nbf, dirty, r, n)                       # embeddings/normals that can change
         sub = expand_hops(nbf, changed, r, n)                         # data they read
         local = local_table(nbf(sub), sub, n)
-        emb, normals = self._embed(vmap.xyz[sub].float(), vmap.colors[sub], local)
+        emb, normals = self._embed(vmap.xyz[sub].float(), vmap.colors[sub], local, features=vmap.features[sub])
         pos = torch.searchsorted(sub, changed)
         vmap.set_channel(c.embedding_channel, changed, emb[pos].to(torch.float16))
         vmap.set_channel(c.normal_channel, changed, normals[pos].float())
@@ -238,7 +255,9 @@ class Purifier:
         vs = self._voxel_size(vmap)
         gates = (lambda slots, rows: _edge_gates_rows(vmap.xyz, vmap.colors, normals_all, slots, rows, vs, c)) \
             if use_gates else None
-        affected, out = incremental_pooling(vmap.features, vmap.channel(c.embedding_channel), nbf,
+        # the pooling reach (hops of the affected/support sets) must use the pooling neighbourhood itself
+        nbp = nbf if c.radius == 1 else _CachedNeighbours(lambda s: vmap.neighbours(s, c.radius), n, vmap.xyz.device)
+        affected, out = incremental_pooling(vmap.features, vmap.channel(c.embedding_channel), nbp,
                                             changed, iters, c.temperature, c.affinity_threshold, c.self_weight,
                                             gates, n=n)
         vmap.set_channel(c.output_channel, affected, out.to(torch.float16))

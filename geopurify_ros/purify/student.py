@@ -29,6 +29,9 @@ class StudentConfig:
     embed_dim: int = 32
     rounds: int = 2
     voxel_size: float = 0.05
+    feature_dim: int = 0          # D of the fused VLM features it is conditioned on; 0 = geometry-only student
+    feature_proj: int = 16        # learned projection of the (L2-normalised) fused feature
+    backend: str = ""             # feature backend the checkpoint was distilled with ("" = any: geometry-only)
 
 
 def point_features(xyz: torch.Tensor, colors: torch.Tensor, neighbours: torch.Tensor,
@@ -132,8 +135,10 @@ class StudentAffinityNet(nn.Module):
     def __init__(self, config: StudentConfig | None = None):
         super().__init__()
         self.config = config or StudentConfig()
-        c = self.config.hidden
-        self.stem = nn.Sequential(nn.Linear(N_POINT_FEATURES, c), nn.ReLU(), nn.Linear(c, c))
+        c, d = self.config.hidden, self.config.feature_dim
+        self.proj = nn.Linear(d, self.config.feature_proj) if d > 0 else None
+        n_in = N_POINT_FEATURES + (self.config.feature_proj if d > 0 else 0)
+        self.stem = nn.Sequential(nn.Linear(n_in, c), nn.ReLU(), nn.Linear(c, c))
         self.rounds = nn.ModuleList(EdgeRound(c) for _ in range(self.config.rounds))
         self.head = nn.Sequential(nn.ReLU(), nn.Linear(c, self.config.embed_dim))
 
@@ -146,16 +151,24 @@ class StudentAffinityNet(nn.Module):
     def embed_dim(self) -> int:
         return self.config.embed_dim
 
+    @property
+    def uses_features(self) -> bool:
+        return self.config.feature_dim > 0
+
     def forward(self, xyz: torch.Tensor, colors: torch.Tensor, neighbours: torch.Tensor,
                 normals: torch.Tensor | None = None, curvature: torch.Tensor | None = None,
-                edges: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                edges: tuple[torch.Tensor, torch.Tensor] | None = None,
+                features: torch.Tensor | None = None) -> torch.Tensor:
         """xyz (N,3) metres, colors (N,3) uint8 or [0,1], neighbours (N,K) long (-1 none) -> (N,E) unit.
 
-        edges: `edge_list(neighbours)` if the caller already has it (a purification pass shares it)."""
+        edges: `edge_list(neighbours)` if the caller already has it (a purification pass shares it).
+        features: (N,D) fused VLM features (any float dtype), required when `uses_features`."""
         xyz = xyz.float()
         src, dst = edge_list(neighbours) if edges is None else edges
         feats, normals = point_features(xyz, colors, neighbours, normals, curvature, edges=(src, dst))
         edges = edge_features(xyz, normals, colors_float(colors), src, dst, self.config.voxel_size)
+        if self.proj is not None:
+            feats = torch.cat([feats, self.project(features)], 1)
         h = self.stem(feats)
         for r in self.rounds:
             h = r(h, edges, src, dst)
@@ -163,11 +176,42 @@ class StudentAffinityNet(nn.Module):
 
     embed = forward
 
+    def project(self, features: torch.Tensor | None, block: int = 4096) -> torch.Tensor:
+        """Learned projection of the L2-normalised fused features, (N,D) -> (N,feature_proj).
+
+        Inference goes in cache-sized row blocks and uses linearity, W (f/|f|) + b = (W f)/|f| + b, so a float16
+        map is read once per block and never copied or normalised as a whole (~3x faster at 200k x 384)."""
+        d = self.config.feature_dim
+        if features is None or features.dim() != 2 or features.shape[1] != d:
+            got = "none" if features is None else f"{tuple(features.shape)}"
+            raise ValueError(f"student_checkpoint: this student is conditioned on {d}-d fused features "
+                             f"(backend '{self.config.backend}'), got {got}")
+        if torch.is_grad_enabled():
+            return self.proj(nn.functional.normalize(features.float(), dim=1))
+        w, b = self.proj.weight.t(), self.proj.bias
+        out = torch.empty(features.shape[0], self.config.feature_proj, dtype=torch.float32, device=features.device)
+        for s in range(0, features.shape[0], block):
+            x = features[s:s + block].float()
+            out[s:s + block] = torch.addcdiv(b, x @ w, x.norm(dim=1, keepdim=True).clamp_(min=1e-12))
+        return out
+
     def save(self, path: str | Path, meta: dict | None = None) -> None:
         """Checkpoint = {format, config, state_dict (float32), meta}."""
         state = {k: v.detach().cpu().float() for k, v in self.state_dict().items()}
         torch.save({"format": "geopurify-student-v1", "config": dataclasses.asdict(self.config),
                     "state_dict": state, "meta": meta or {}}, str(path))
+
+
+class ConstantEmbedding(nn.Module):
+    """Ablation stand-in for a student: the same embedding everywhere (affinity 1 to every neighbour), so
+    geometry-guided pooling reduces to the gates alone."""
+
+    receptive_hops = 0
+    embed_dim = 1
+    uses_features = False
+
+    def forward(self, xyz, colors, neighbours, normals=None, curvature=None, edges=None):
+        return xyz.new_ones(xyz.shape[0], 1)
 
 
 def affinity(embeddings: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
@@ -177,12 +221,27 @@ def affinity(embeddings: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor
     return a * (neighbours >= 0).float()
 
 
-def load_student(path: str | Path | None = None, device: str | torch.device = "cpu") -> StudentAffinityNet:
-    """Load a student checkpoint (None -> the one shipped in geopurify_ros/models/student.pt), in eval mode.
+def shipped_checkpoint(backend: str | None) -> Path:
+    """The shipped student for a feature backend (models/student_<backend>.pt), else the geometry-only one."""
+    if backend:
+        p = DEFAULT_CHECKPOINT.with_name(f"student_{backend}.pt")
+        if p.is_file():
+            return p
+    return DEFAULT_CHECKPOINT
 
+
+def load_student(path: str | Path | None = None, device: str | torch.device = "cpu", backend: str | None = None,
+                 feature_dim: int | None = None) -> StudentAffinityNet:
+    """Load a student checkpoint in eval mode.
+
+    path None -> the shipped student for `backend` (`models/student_<backend>.pt`), or, when that backend has
+    none, the geometry-only `models/student.pt` with one warning. With `feature_dim` given, a feature-conditioned
+    checkpoint must have been distilled on D = feature_dim features (else ValueError naming student_checkpoint).
     Raises FileNotFoundError if missing and ValueError if the file is not a valid student checkpoint.
     """
-    p = Path(path) if path else DEFAULT_CHECKPOINT
+    p = Path(path) if path else shipped_checkpoint(backend)
+    if path is None and backend and p == DEFAULT_CHECKPOINT:
+        _warn_once(backend)
     if not p.is_file():
         raise FileNotFoundError(f"student_checkpoint: {p} does not exist "
                                 f"(train one with `geopurify-train --out {p.parent}`)")
@@ -199,8 +258,26 @@ def load_student(path: str | Path | None = None, device: str | torch.device = "c
         net.load_state_dict(ckpt["state_dict"])
     except (KeyError, RuntimeError, TypeError) as exc:
         raise ValueError(f"student_checkpoint: {p} does not match StudentAffinityNet ({exc})") from exc
+    if feature_dim is not None and cfg.feature_dim and cfg.feature_dim != feature_dim:
+        raise ValueError(f"student_checkpoint: {p} was distilled on {cfg.feature_dim}-d features of backend "
+                         f"'{cfg.backend}', but the map has {feature_dim}-d features; use that backend's student "
+                         f"or train one (`geopurify-train --feature-backend ...`)")
     net.meta = ckpt.get("meta", {})
     return net.to(device).eval()
+
+
+_WARNED: set = set()
+
+
+def _warn_once(backend: str) -> None:
+    if backend in _WARNED:
+        return
+    _WARNED.add(backend)
+    import warnings
+
+    warnings.warn(f"student_checkpoint: no student is shipped for feature backend '{backend}'; using the "
+                  f"geometry-only student ({DEFAULT_CHECKPOINT.name}). Train one from your own bags with "
+                  f"`geopurify-train --feature-backend {backend} --data BAG ...` (README)", stacklevel=3)
 
 
 def checkpoint_info(path: str | Path | None = None) -> dict:

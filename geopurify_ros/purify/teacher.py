@@ -166,3 +166,127 @@ def make_teacher(kind: str = "ssl", checkpoint: str | Path | None = None, device
     if kind == "ssl":
         return SSLTeacher.load(checkpoint) if checkpoint else SSLTeacher()
     return ExternalTeacher(kind, checkpoint, device)
+
+
+# ------------------------------------------------------------------------------------------------ v2
+@dataclass
+class MultiScaleTeacherConfig:
+    voxel_size: float = 0.05
+    factors: tuple = (3, 3)          # each coarser level: this many times the previous voxel size
+    widths: tuple = (32, 64, 96)     # channels per level (fine first)
+    coarse_rounds: int = 2           # EdgeConv rounds per coarse level
+    embed_dim: int = 64
+    gravity: bool = True             # also read |n_z| and height above the cloud's floor (training clouds are z-up)
+
+
+class _Level:
+    """Voxel graph of one coarse level: parent index of each finer voxel, positions, colours, edges."""
+
+    def __init__(self, xyz, c01, size):
+        ijk = torch.floor(xyz / size).long()
+        uniq, self.parent = torch.unique(ijk, dim=0, return_inverse=True)
+        m = uniq.shape[0]
+        self.m = m
+        self.cnt = torch.zeros(m).index_add_(0, self.parent, torch.ones(xyz.shape[0]))
+        self.xyz = self.mean(xyz)
+        self.c01 = self.mean(c01)
+        nb = VoxelGrid.from_ijk(uniq, size).neighbours()
+        self.src, self.dst = edge_list(nb)
+        self.normals, _ = normals_curvature(self.xyz, nb, edges=(self.src, self.dst))
+        self.edges = edge_features(self.xyz, self.normals, self.c01, self.src, self.dst, size)
+
+    def mean(self, x):
+        return torch.zeros(self.m, x.shape[1], dtype=x.dtype).index_add_(0, self.parent, x) / self.cnt[:, None]
+
+
+class MultiScaleTeacher(nn.Module):
+    """U-Net of EdgeConv levels (5 / 15 / 45 cm by default, receptive field ~2 m) -> fine and per-level embeddings.
+
+    `forward` returns the list [fine (N,E), level-1 (M1,E), level-2 (M2,E), ...] of unit embeddings plus the
+    coarse-level parent indices, so training can contrast every scale (multi-scale PointContrast / MSC);
+    `embed` concatenates, for every fine voxel, the embeddings of all levels it belongs to (Sonata's
+    hierarchical unpooling), so affinities and the linear probe see fine detail and ~2 m context at once.
+    """
+
+    def __init__(self, config: MultiScaleTeacherConfig | None = None):
+        super().__init__()
+        self.config = cfg = config or MultiScaleTeacherConfig()
+        w = cfg.widths
+        if len(w) != len(cfg.factors) + 1:
+            raise ValueError("widths: need one entry per level (len(factors) + 1)")
+        n_in = N_POINT_FEATURES + (2 if cfg.gravity else 0)
+        self.stem = nn.Sequential(nn.Linear(n_in, w[0]), nn.ReLU(), nn.Linear(w[0], w[0]))
+        self.fine_in = EdgeRound(w[0])
+        self.down = nn.ModuleList(nn.Linear(w[i] + 6, w[i + 1]) for i in range(len(cfg.factors)))
+        self.coarse = nn.ModuleList(nn.ModuleList(EdgeRound(w[i + 1]) for _ in range(cfg.coarse_rounds))
+                                    for i in range(len(cfg.factors)))
+        self.up = nn.ModuleList(nn.Sequential(nn.Linear(w[i] + w[i + 1], w[i]), nn.ReLU(), nn.Linear(w[i], w[i]))
+                                for i in range(len(cfg.factors)))
+        self.fine_out = EdgeRound(w[0])
+        self.heads = nn.ModuleList(nn.Sequential(nn.ReLU(), nn.Linear(w[i], cfg.embed_dim)) for i in range(len(w)))
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    def forward(self, xyz: torch.Tensor, colors: torch.Tensor, floor_z: float | None = None):
+        cfg = self.config
+        vs = cfg.voxel_size
+        xyz = xyz.float()
+        c01 = colors_float(colors)
+        nb = VoxelGrid(xyz, vs).neighbours()
+        src, dst = edge_list(nb)
+        feats, normals = point_features(xyz, c01, nb, edges=(src, dst))
+        if cfg.gravity:
+            z0 = float(torch.quantile(xyz[:, 2], 0.02)) if floor_z is None else floor_z
+            feats = torch.cat([feats, normals[:, 2:3].abs(), (xyz[:, 2:3] - z0) / 2.0 - 0.5], 1)
+        e = edge_features(xyz, normals, c01, src, dst, vs)
+        h = self.fine_in(self.stem(feats), e, src, dst)
+        hs, levels, size, lx, lc = [h], [], vs, xyz, c01
+        for i, f in enumerate(cfg.factors):
+            size *= f
+            lev = _Level(lx, lc, size)
+            hc = self.down[i](torch.cat([lev.mean(hs[-1]), lev.normals, lev.c01 - 0.5], 1))
+            for r in self.coarse[i]:
+                hc = r(hc, lev.edges, lev.src, lev.dst)
+            hs.append(hc)
+            levels.append(lev)
+            lx, lc = lev.xyz, lev.c01
+        for i in reversed(range(len(cfg.factors))):         # decoder: coarse context back to finer levels
+            hs[i] = hs[i] + self.up[i](torch.cat([hs[i], hs[i + 1][levels[i].parent]], 1))
+        hs[0] = self.fine_out(hs[0], e, src, dst)
+        z = [nn.functional.normalize(self.heads[i](hs[i]), dim=1) for i in range(len(hs))]
+        return z, [lev.parent for lev in levels]
+
+    @torch.no_grad()
+    def embed(self, xyz, colors, normals=None):
+        z, parents = self.forward(xyz, colors)
+        idx, out = torch.arange(z[0].shape[0]), [z[0]]
+        for lv, p in enumerate(parents):
+            idx = p[idx]
+            out.append(z[lv + 1][idx])
+        return nn.functional.normalize(torch.cat(out, 1), dim=1)
+
+    def save(self, path: str | Path, meta: dict | None = None) -> None:
+        torch.save({"format": "geopurify-teacher-v2", "config": dataclasses.asdict(self.config),
+                    "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+                    "meta": meta or {}}, str(path))
+
+
+def load_teacher(path: str | Path):
+    """SSLTeacher (v1) or MultiScaleTeacher (v2) checkpoint, in eval mode; errors name teacher_checkpoint."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"teacher_checkpoint: {p} does not exist")
+    ckpt = torch.load(str(p), map_location="cpu", weights_only=True)
+    fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if fmt == "geopurify-teacher-v1":
+        return SSLTeacher.load(p)
+    if fmt != "geopurify-teacher-v2":
+        raise ValueError(f"teacher_checkpoint: {p} is not a geopurify teacher checkpoint")
+    cfg = dict(ckpt["config"])
+    cfg["factors"], cfg["widths"] = tuple(cfg["factors"]), tuple(cfg["widths"])
+    net = MultiScaleTeacher(MultiScaleTeacherConfig(**cfg))
+    net.load_state_dict(ckpt["state_dict"])
+    net.meta = ckpt.get("meta", {})
+    return net.eval()

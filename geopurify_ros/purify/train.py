@@ -40,16 +40,24 @@ class TrainConfig:
     voxel_size: float = 0.05
     crop: float = 0.9                              # half-size (m) of the square xy crop per view
     teacher: str = "ssl"                           # ssl | sonata
-    teacher_checkpoint: str = ""                   # skip stage 1 and load this teacher
+    teacher_checkpoint: str = ""                   # skip stage 1 and load this teacher (v1 or multi-scale v2)
+    feature_backend: str = ""                      # "" = geometry-only student; conse | open_clip | ...: fuse
+                                                   # the --data recordings with it and condition the student
+    feature_model: str = ""
+    feature_pretrained: str = ""                   # open_clip weights (the user's own)
+    params: str = "config/mapping.yaml"            # node params used for fusion (keyframe gate, depth range...)
     teacher_steps: int = 120
     student_steps: int = 250
     lr: float = 2e-3
     nce_pairs: int = 1024
     nce_temperature: float = 0.1
     neg_exclusion: float = 0.15
-    anchors: int = 2048
-    distill_temperature: float = 0.1
-    mse_weight: float = 2.0
+    anchors: int = 4096
+    neg_random: int = 48                           # stage 2 negatives per anchor: random voxels of the crop
+                                                   # (shared by the step's anchors)
+    neg_near: int = 15                             #   + spatially near ones (radius-2 cube): hard negatives
+    nce_distill_temperature: float = 0.07
+    mse_weight: float = 1.0
     threads: int = 1                              # 2 shared cores: 1 thread is faster than 2 under load
     max_frames: int = 120                          # per demo recording
 
@@ -160,27 +168,6 @@ def info_nce(za: torch.Tensor, zb: torch.Tensor, pos_a: torch.Tensor, temperatur
                   + torch.nn.functional.cross_entropy(logits.T, target))
 
 
-def distill_loss(s: torch.Tensor, t: torch.Tensor, valid: torch.Tensor, temperature: float,
-                 mse_weight: float) -> tuple[torch.Tensor, dict]:
-    """s, t: (B,C) student / teacher cosines to candidates, valid (B,C) bool."""
-    neg = float("-inf")
-    lp = torch.log_softmax((t / temperature).masked_fill(~valid, neg), 1)
-    lq = torch.log_softmax((s / temperature).masked_fill(~valid, neg), 1)
-    p = lp.exp()
-    kl = (p * (lp - lq)).masked_fill(~valid, 0).sum(1).mean()
-    mse = ((s - t) ** 2 * valid).sum() / valid.sum().clamp(min=1)
-    agree = (((s >= 0.5) == (t >= 0.5)) & valid).sum() / valid.sum().clamp(min=1)
-    return kl + mse_weight * mse, {"kl": kl.item(), "mse": mse.item(), "agree@0.5": agree.item()}
-
-
-def _candidates(grid: VoxelGrid, anchors: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
-    ring1 = grid.neighbours(anchors, 1)
-    ring2 = grid.neighbours(anchors, 2)
-    pick = torch.randint(0, ring2.shape[1], (anchors.numel(), 16), generator=gen)
-    far = torch.randint(0, n, (anchors.numel(), 16), generator=gen)
-    return torch.cat([ring1, torch.gather(ring2, 1, pick), far], 1)
-
-
 # ------------------------------------------------------------------------------------------------ stages
 def train_teacher(cfg: TrainConfig, clouds, log: list) -> SSLTeacher:
     torch.manual_seed(cfg.seed)
@@ -217,36 +204,105 @@ def train_teacher(cfg: TrainConfig, clouds, log: list) -> SSLTeacher:
     return net.eval()
 
 
-def train_student(cfg: TrainConfig, clouds, teacher, log: list) -> StudentAffinityNet:
+@dataclass
+class DistillScene:
+    """One stage-2 scene: a voxelised map with (optionally) its fused features and the teacher's embeddings."""
+    xyz: torch.Tensor                 # (N,3) voxel positions
+    colors: torch.Tensor              # (N,3) uint8 or [0,1]
+    features: torch.Tensor | None     # (N,D) fused VLM features (feature-conditioned students) or None
+    teacher: torch.Tensor             # (N,T) unit teacher embeddings (frozen, computed once)
+    name: str = ""
+
+
+def near_negatives(grid: VoxelGrid, anchors: torch.Tensor, k: int, radius: int, gen: torch.Generator,
+                   n: int) -> torch.Tensor:
+    """(A,k) hard negatives: random voxels of each anchor's radius-`radius` cube (spatially near), topped up
+    with random voxels of the scene where the cube has fewer than k occupied cells."""
+    cube = grid.neighbours(anchors, radius)
+    score = torch.rand(cube.shape, generator=gen).masked_fill(cube < 0, -1.0)
+    top, idx = score.topk(k, dim=1)
+    pick = torch.gather(cube, 1, idx)
+    fill = torch.randint(0, n, pick.shape, generator=gen)
+    return torch.where(top >= 0, pick, fill)
+
+
+def distill_info_nce(s_proj: torch.Tensor, t_emb: torch.Tensor, anchors: torch.Tensor, near: torch.Tensor,
+                     random: torch.Tensor, temperature: float) -> tuple[torch.Tensor, float]:
+    """InfoNCE of the student's projected embedding of each anchor against the frozen teacher embeddings:
+    positive = the anchor's own teacher embedding; negatives = the teacher embeddings of its spatially near
+    voxels `near` (A,K) and of `random` (R,) voxels shared by all anchors of the step (in-batch negatives:
+    one (A,R) product instead of an (A,R,T) gather). Returns (loss, top-1 accuracy)."""
+    q = s_proj[anchors]                                                   # (A,T)
+    pos = (q * t_emb[anchors]).sum(-1, keepdim=True)
+    hard = torch.einsum("at,akt->ak", q, t_emb[near])
+    rand = q @ t_emb[random].T
+    logits = torch.cat([pos, hard, rand], 1) / temperature
+    same = torch.cat([near == anchors[:, None], random[None, :] == anchors[:, None]], 1)   # the anchor itself
+    logits[:, 1:] = logits[:, 1:].masked_fill(same, float("-inf"))
+    target = torch.zeros(anchors.numel(), dtype=torch.long)
+    acc = float((logits.detach().argmax(1) == 0).float().mean())
+    return torch.nn.functional.cross_entropy(logits, target), acc
+
+
+def crop_scene(sc: DistillScene, half: float, rng: np.random.Generator, min_voxels: int = 256) -> torch.Tensor:
+    """Indices of the voxels of a random square xy crop (full height) of a scene."""
+    xyz = sc.xyz
+    for _ in range(10):
+        c = xyz[int(rng.integers(xyz.shape[0])), :2]
+        idx = ((xyz[:, :2] - c).abs() < half).all(1).nonzero().squeeze(1)
+        if idx.numel() >= min_voxels:
+            return idx
+    return torch.arange(xyz.shape[0])
+
+
+def train_student(cfg: TrainConfig, scenes: list[DistillScene], log: list, feature_dim: int = 0,
+                  backend: str = "") -> StudentAffinityNet:
+    """Stage 2: InfoNCE distillation of the teacher into the student (+ an affinity-calibration term).
+
+    Per step: a crop of one scene; `anchors` anchor voxels; negatives = `neg_random` random voxels of the crop
+    + `neg_near` spatially near ones (radius-2 cube); the student's embedding, through a training-only linear
+    head into the teacher's space, must pick its own voxel's teacher embedding (τ = `nce_distill_temperature`).
+    The calibration term (MSE between student and teacher cosines on the 26-ring, weight `mse_weight`) keeps
+    absolute affinities comparable to the teacher's, which the pooling threshold and temperature rely on.
+    """
     torch.manual_seed(cfg.seed + 1)
     rng = np.random.default_rng(cfg.seed + 1)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    net = StudentAffinityNet(StudentConfig(voxel_size=cfg.voxel_size))
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    net = StudentAffinityNet(StudentConfig(voxel_size=cfg.voxel_size, feature_dim=feature_dim, backend=backend))
+    t_dim = scenes[0].teacher.shape[1]
+    head = torch.nn.Linear(net.embed_dim, t_dim)
+    params = list(net.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=max(cfg.student_steps, 1), pct_start=0.1)
     bar = tqdm(range(cfg.student_steps), desc="stage 2 distillation", file=sys.stderr, mininterval=5)
     for step in bar:
-        pts, cols, _ = clouds[step % len(clouds)]
-        v = make_view(pts, cols, _crop_centre(pts, rng), cfg.crop, cfg.voxel_size, rng)
-        n = v.xyz.shape[0]
-        grid = VoxelGrid(v.xyz, cfg.voxel_size)
+        sc = scenes[step % len(scenes)]
+        idx = crop_scene(sc, cfg.crop, rng)
+        xyz, t_emb = sc.xyz[idx].float(), sc.teacher[idx]
+        n = xyz.shape[0]
+        grid = VoxelGrid(xyz, cfg.voxel_size)
         nb = grid.neighbours()
-        with torch.no_grad():
-            t_emb = teacher.embed(v.xyz, v.colors)
-        s_emb = net(v.xyz, v.colors, nb)
+        feats = sc.features[idx] if feature_dim else None
+        s_emb = net(xyz, sc.colors[idx], nb, features=feats)
+        s_proj = torch.nn.functional.normalize(head(s_emb), dim=1)
         anchors = torch.randperm(n, generator=gen)[:cfg.anchors]
-        cand = _candidates(grid, anchors, n, gen)
-        valid = (cand >= 0) & (cand != anchors[:, None])
-        ci = cand.clamp(min=0)
-        t = (t_emb[anchors, None, :] * t_emb[ci]).sum(-1)
-        s = (s_emb[anchors, None, :] * s_emb[ci]).sum(-1)
-        loss, parts = distill_loss(s, t, valid, cfg.distill_temperature, cfg.mse_weight)
+        near = near_negatives(grid, anchors, cfg.neg_near, 2, gen, n)
+        rand = torch.randint(0, n, (cfg.neg_random,), generator=gen)
+        nce, acc = distill_info_nce(s_proj, t_emb, anchors, near, rand, cfg.nce_distill_temperature)
+        ring = nb[anchors]
+        valid = ring >= 0
+        rc = ring.clamp(min=0)
+        t = (t_emb[anchors, None, :] * t_emb[rc]).sum(-1)
+        s_ = (s_emb[anchors, None, :] * s_emb[rc]).sum(-1)
+        mse = ((s_ - t) ** 2 * valid).sum() / valid.sum().clamp(min=1)
+        loss = nce + cfg.mse_weight * mse
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
-        log.append({"stage": "student", "step": step, "loss": float(loss), **parts})
-        bar.set_postfix(loss=f"{float(loss):.3f}", agree=f"{parts['agree@0.5']:.2f}")
+        log.append({"stage": "student", "step": step, "loss": loss.item(), "nce": nce.item(), "top1": acc,
+                    "mse": mse.item()})
+        bar.set_postfix(nce=f"{log[-1]['nce']:.3f}", top1=f"{acc:.2f}", mse=f"{log[-1]['mse']:.3f}")
     return net.eval()
 
 
@@ -264,37 +320,106 @@ def _summary(log: list, stage: str) -> dict:
     return out
 
 
+def fuse_recordings(cfg: TrainConfig, out: Path) -> list[tuple[object, str]]:
+    """Fuse every --data recording with the configured feature backend (what the node would map; cached in
+    <out>/fused/); returns [(VoxelMap, description)]. Labels are never read."""
+    from ..config import PipelineConfig, load_ros_params
+    from ..eval.ablation import fuse_recording, fused_map_path
+    from ..pipeline import MappingPipeline
+    from ..voxel_map import VoxelMap
+    from .student import ConstantEmbedding
+
+    params = load_ros_params(cfg.params) if cfg.params and Path(cfg.params).is_file() else {}
+    params.update({"feature_backend": cfg.feature_backend, "voxel_size": cfg.voxel_size})
+    if cfg.feature_model:
+        params["feature_model"] = cfg.feature_model
+    if cfg.feature_pretrained:
+        params["feature_pretrained"] = cfg.feature_pretrained
+    pipe = MappingPipeline(PipelineConfig.from_dict(params), student=ConstantEmbedding())
+    maps = []
+    for k, d in enumerate(cfg.data):
+        path = out / "fused" / f"{pipe.backend.name}_{pipe.backend.dim}_{k}_{Path(d).name}.pt"
+        meta = Path(d) / "meta.json"
+        if meta.is_file() and not cfg.feature_model and not cfg.feature_pretrained:   # a demo recording: the
+            m = json.loads(meta.read_text())                                          # ablation tool's cache
+            path = fused_map_path(pipe.backend.name, pipe.backend.dim, int(m["seed"]), m["size"])
+        if not path.is_file():
+            pipe.reset()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fuse_recording(Path(d), pipe, params).save(path)
+        vm = VoxelMap.load(path)
+        maps.append((vm, f"fused:{d} ({pipe.backend.name}, D={pipe.backend.dim}, {len(vm)} voxels, labels unused)"))
+    return maps
+
+
+def distill_scenes(cfg: TrainConfig, teacher, out: Path, clouds_fn) -> tuple[list[DistillScene], int, str]:
+    """Stage-2 scenes with teacher embeddings: fused maps of the recordings (feature-conditioned student) or
+    voxelised training clouds (geometry-only student). Returns (scenes, D, backend)."""
+    scenes = []
+    if cfg.feature_backend:
+        maps = fuse_recordings(cfg, out)
+        if not maps:
+            raise ValueError("data: a feature-conditioned student needs recordings (--data DIR)")
+        for vm, name in maps:
+            with torch.no_grad():
+                t = teacher.embed(vm.xyz.float(), vm.colors)
+            scenes.append(DistillScene(vm.xyz.float(), vm.colors, vm.features, t, name))
+        return scenes, int(maps[0][0].features.shape[1]), cfg.feature_backend
+    rng = np.random.default_rng(cfg.seed)
+    for p, c, name in clouds_fn():
+        v = make_view(p, c, p[:, :2].mean(0), 1e9, cfg.voxel_size, rng, augment=False)
+        with torch.no_grad():
+            t = teacher.embed(v.xyz, v.colors)
+        scenes.append(DistillScene(v.xyz, v.colors, None, t, name))
+    return scenes, 0, ""
+
+
 def run(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
+    from .teacher import load_teacher
+
     torch.set_num_threads(max(1, cfg.threads))
     t0 = time.time()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    clouds = load_training_clouds(cfg)
+    cache: dict = {}
+
+    def clouds_fn():
+        if "clouds" not in cache:
+            cache["clouds"] = load_training_clouds(cfg)
+        return cache["clouds"]
+
     log: list = []
-    if cfg.teacher_checkpoint or cfg.teacher != "ssl":
+    if cfg.teacher != "ssl":
         teacher = make_teacher(cfg.teacher, cfg.teacher_checkpoint or None)
         teacher_desc = f"{cfg.teacher} from {cfg.teacher_checkpoint}"
+    elif cfg.teacher_checkpoint:
+        teacher = load_teacher(cfg.teacher_checkpoint)
+        teacher_desc = f"{type(teacher).__name__} from {cfg.teacher_checkpoint}"
     else:
-        teacher = train_teacher(cfg, clouds, log)
+        teacher = train_teacher(cfg, clouds_fn(), log)
         teacher.save(out / "teacher.pt", {"config": asdict(cfg)})
         teacher_desc = "SSLTeacher trained here (stage 1), saved as teacher.pt"
     t1 = time.time()
-    student = train_student(cfg, clouds, teacher, log)
+    scenes, dim, backend = distill_scenes(cfg, teacher, out, clouds_fn)
+    student = train_student(cfg, scenes, log, dim, backend)
     t2 = time.time()
     record = {
         "command": "geopurify-train " + " ".join(argv if argv is not None else sys.argv[1:]),
         "config": asdict(cfg),
-        "data": [name for _, _, name in clouds],
+        "data": [sc.name for sc in scenes],
         "labels_used": False,
         "teacher": teacher_desc,
         "student": asdict(student.config),
+        "feature_backend": backend or None,
+        "feature_dim": dim,
         "student_params": sum(p.numel() for p in student.parameters()),
         "time_s": {"teacher": round(t1 - t0, 1), "student": round(t2 - t1, 1), "total": round(t2 - t0, 1)},
         "metrics": {"teacher": _summary(log, "teacher"), "student": _summary(log, "student")},
         "torch": torch.__version__,
     }
-    student.save(out / "student.pt", {k: record[k] for k in ("command", "data", "teacher", "time_s")})
-    (out / "student.json").write_text(json.dumps(record, indent=1))
+    name = f"student_{backend}" if backend else "student"
+    student.save(out / f"{name}.pt", {k: record[k] for k in ("command", "data", "teacher", "time_s")})
+    (out / f"{name}.json").write_text(json.dumps(record, indent=1))
     (out / "train_log.jsonl").write_text("\n".join(json.dumps(r) for r in log))
     return record
 
@@ -314,14 +439,20 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     ap.add_argument("--lr", type=float, default=d.lr)
     ap.add_argument("--threads", type=int, default=d.threads)
     ap.add_argument("--max-frames", type=int, default=d.max_frames)
-    ap.add_argument("--distill-temperature", type=float, default=d.distill_temperature)
-    ap.add_argument("--mse-weight", type=float, default=d.mse_weight)
+    ap.add_argument("--feature-backend", default=d.feature_backend,
+                    help="condition the student on this backend's fused features ('' = geometry-only student)")
+    ap.add_argument("--feature-model", default=d.feature_model)
+    ap.add_argument("--feature-pretrained", default=d.feature_pretrained, help="open_clip weights")
+    ap.add_argument("--anchors", type=int, default=d.anchors)
+    ap.add_argument("--params", default=d.params, help="node params file used to fuse the recordings")
+    ap.add_argument("--mse-weight", type=float, default=d.mse_weight, help="weight of the affinity calibration term")
     a = ap.parse_args(argv)
     return TrainConfig(out=a.out, data=a.data, procedural=a.procedural, seed=a.seed, teacher=a.teacher,
                        teacher_checkpoint=a.teacher_checkpoint, teacher_steps=a.teacher_steps,
                        student_steps=a.student_steps, crop=a.crop, lr=a.lr, threads=a.threads,
-                       max_frames=a.max_frames, distill_temperature=a.distill_temperature,
-                       mse_weight=a.mse_weight)
+                       max_frames=a.max_frames, feature_backend=a.feature_backend, feature_model=a.feature_model,
+                       feature_pretrained=a.feature_pretrained, anchors=a.anchors, mse_weight=a.mse_weight,
+                       params=a.params)
 
 
 def main(argv: list[str] | None = None) -> int:
