@@ -3,6 +3,7 @@
 
     python bench/bench_features.py                 # speed of every backend that constructs here
     python bench/bench_features.py --quality       # ConSE option sweeps on scikit-image photos (docs/FEATURES.md)
+    python bench/bench_features.py --photos lseg,conse   # the same photos, each backend at its defaults
     python bench/bench_features.py --demo DIR[,DIR] [--backend conse]   # closed-set pixel mIoU on demo renders
 
 Timings on shared machines are noisy: the minimum over frames is the figure of merit, the median is printed too.
@@ -97,9 +98,14 @@ def _quality_set():
     return names, singles, pairs
 
 
-def evaluate(backend, scorer: TextScorer, names, singles, pairs, logits_cache: dict) -> dict:
-    """Image-level top-1, 2-way and N-way per-cell accuracy on pairs, and query score in/out of the object."""
+def evaluate(backend, scorer: TextScorer, names, singles, pairs, logits_cache: dict, generic: bool = False) -> dict:
+    """Image-level top-1, 2-way and N-way per-cell accuracy on pairs, and query score in/out of the object.
+
+    `generic`: any backend through `encode_image` (else ConSE's cached logits, so sweeps re-run only the head)."""
     def feats(key, img):
+        if generic:
+            with torch.inference_mode():
+                return backend.encode_image(img)
         if key not in logits_cache:
             with torch.inference_mode():
                 logits_cache[key] = backend.dense_logits(img)
@@ -173,6 +179,19 @@ def run_quality(args) -> None:
         print(f"| model=lite2 | unavailable: {exc} |")
 
 
+def run_photos(args) -> None:
+    """The photo set once per backend at its shipped defaults (how a backend trained on renders does on photos)."""
+    names, singles, pairs = _quality_set()
+    print(f"{len(singles)} photos, {len(pairs)} side-by-side pairs; each backend at its defaults")
+    print("| backend | img top-1 | pair 2-way cell acc | pair 7-way cell acc | query in / out |")
+    print("|---|---|---|---|---|")
+    for name in args.photos.split(","):
+        b = make_backend(name, device=args.device)
+        r = evaluate(b, TextScorer(b, names), names, singles, pairs, {}, generic=True)
+        print(f"| {name} | {r['img_top1']:.2f} | {r['pair_2way']:.3f} | {r['pair_Nway']:.3f} | "
+              f"{r['q_in']:.2f} / {r['q_out']:.2f} |", flush=True)
+
+
 def run_resolution(args, row) -> None:
     """Input-resolution, multi-scale and backbone rows only (the slow part of the sweep)."""
     for w in (320, 448, 512, 640, 960):
@@ -241,6 +260,8 @@ def main(argv=None) -> None:
     ap.add_argument("--frames", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (the target machine has 2 cores)")
     ap.add_argument("--quality", action="store_true")
+    ap.add_argument("--photos", default="", metavar="BACKEND,...",
+                    help="photo set at each backend's defaults, e.g. lseg,conse")
     ap.add_argument("--only-resolution", action="store_true", help="with --quality: resolution/scale rows only")
     ap.add_argument("--demo", default="", help="geopurify-make-demo output directories (comma-separated, pooled)")
     ap.add_argument("--backend", default="lseg", help="--demo: feature backend")
@@ -256,6 +277,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     if args.quality:
         run_quality(args)
+    elif args.photos:
+        run_photos(args)
     elif args.demo:
         run_demo(args)
     else:
