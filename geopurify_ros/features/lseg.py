@@ -41,7 +41,7 @@ def backbone_endpoints(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, t
     outs: dict[int, torch.Tensor] = {}
     for block in net._blocks:
         h = block(h)
-        outs[H // h.shape[-2]] = h               # later blocks at the same stride overwrite earlier ones
+        outs[int(H) // int(h.shape[-2])] = h               # later blocks at the same stride overwrite earlier ones
     head = net._swish(net._bn1(net._conv_head(h)))
     return outs[8], outs[16], head
 

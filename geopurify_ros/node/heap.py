@@ -6,6 +6,16 @@ per ~/query and purification on executor threads while its worker thread fuses f
 per-thread arenas fragment and are never returned: RSS grew by ~250 MB per 1000 frames with queries
 (bench/bench_soak.py) and plateaued with a fixed threshold. Setting the threshold explicitly also
 turns the dynamic adjustment off, so large blocks stay mmapped and go back to the OS when freed.
+
+The threshold is 32 MiB (glibc's own upper bound), not lower: every mmapped block is fresh, zeroed pages,
+and with a 1 MiB threshold each feature-network activation (5-15 MB at 448x320) was page-faulted in anew
+on every frame, making the node's frames 4-8x slower than the same code offline (bench/bench_replay.py).
+What keeps RSS flat at 32 MiB is capping the number of heap arenas (M_ARENA_MAX = 2): threads share two
+arenas, so blocks freed by one thread are reused by the others instead of stranding in per-thread arenas.
+Fragments that stay free inside the arenas are handed back by `trim()` (glibc malloc_trim, every arena),
+which the node calls on a timer. Measured (bench/bench_soak.py, lseg, a ~/query every 2 frames): 1 MiB
+threshold -24.9 MB after warm-up over 1200 frames, 132 frames fused; 32 MiB + 2 arenas without trimming
++28 MB over 3000 frames (levelling off near 800 MB), 646 fused; with trimming: see docs/NODE.md.
 """
 from __future__ import annotations
 
@@ -13,16 +23,32 @@ import ctypes
 import os
 import platform
 
-M_MMAP_THRESHOLD = -3          # mallopt parameter number (malloc.h)
-MMAP_THRESHOLD_BYTES = 1 << 20  # 1 MiB: camera images and map-sized tensors are mmapped; small objects are not
+M_MMAP_THRESHOLD = -3          # mallopt parameter numbers (malloc.h)
+M_ARENA_MAX = -8
+MMAP_THRESHOLD_BYTES = 32 << 20  # map-sized tensors are mmapped (returned when freed); activations come from the heap
+ARENA_MAX = 2
+TRIM_PERIOD_S = 10.0             # how often the node hands free heap pages back (malloc_trim takes ~1 ms)
 
 
-def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD_BYTES) -> bool:
-    """Pin glibc's mmap threshold; False where this is not glibc or MALLOC_MMAP_THRESHOLD_ already pins it."""
+def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD_BYTES, arenas: int = ARENA_MAX) -> bool:
+    """Pin glibc's mmap threshold and cap its arenas; False where this is not glibc or MALLOC_MMAP_THRESHOLD_
+    already pins it (a MALLOC_ARENA_MAX in the environment is likewise left alone)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
+    if "MALLOC_ARENA_MAX" not in os.environ:
+        libc.mallopt(M_ARENA_MAX, int(arenas))
     return bool(libc.mallopt(M_MMAP_THRESHOLD, int(nbytes)))
+
+
+def trim() -> bool:
+    """Return free heap pages of every arena to the OS (glibc malloc_trim); False where this is not glibc."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

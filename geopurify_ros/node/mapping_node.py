@@ -34,7 +34,7 @@ from geopurify_ros.srv import MapFile, TextQuery
 
 from geopurify_ros.node import msg_convert as mc
 from geopurify_ros.node import params as node_params
-from geopurify_ros.node.heap import fix_mmap_threshold
+from geopurify_ros.node import heap
 from geopurify_ros.node.pose_source import (MessagePoseSource, PoseBuffer, PoseLookupError, TfPoseSource,
                                             TfUnavailable, extrinsic_from_param)
 from geopurify_ros.node.sync import ApproximateTimeSync, KeyframeSelector
@@ -222,6 +222,7 @@ class MappingNode(Node):
         self.create_service(MapFile, "~/load_map", self._on_load, callback_group=services)
         self.create_service(Trigger, "~/reset", self._on_reset, callback_group=services)
         self.create_timer(self.cfg.purify_period_s, self.worker.request_purify, callback_group=timers)
+        self.create_timer(heap.TRIM_PERIOD_S, heap.trim, callback_group=timers)   # freed arena pages back to the OS
         if self.diag_pub is not None:
             self.create_timer(self.cfg.diagnostics_period_s, self._publish_diagnostics, callback_group=timers)
 
@@ -474,7 +475,7 @@ def _startup_error(message: str, status: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the node; exit status 0 on a clean stop (SIGINT/SIGTERM), 2 on a bad parameter / argument, 1 on
     another startup failure (e.g. a missing checkpoint)."""
-    fix_mmap_threshold()                   # before the big allocations: keeps RSS flat over long runs
+    heap.fix_mmap_threshold()              # before the big allocations: keeps RSS flat over long runs
     stop = _StopSignals()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop)
