@@ -91,3 +91,33 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path):
     torch.save({"config": head.config, "state_dict": head.state_dict(), "meta": {}}, ok)
     with pytest.raises(ValueError, match="16-d"):
         make_backend("lseg", device="cpu", model=str(ok))
+
+
+def test_train_features_cli_writes_a_loadable_head_and_its_record(tmp_path):
+    """A few steps of geopurify-train-features on one tiny room: checkpoint, JSON record, per-step log."""
+    from geopurify_ros.features.train_lseg import main
+
+    out = tmp_path / "head"
+    argv = ["--out", str(out), "--seeds", "1000", "--val-seeds", "1001", "--frames", "2", "--steps", "4",
+            "--batch", "2", "--val-every", "2", "--image-width", "160", "--device", "cpu", "--no-progress"]
+    assert main(argv) == 0
+    head, meta = load_head(out / "lseg_head.pt")
+    assert meta["command"] == "geopurify-train-features " + " ".join(argv)
+    record = json.loads((out / "lseg_head.json").read_text())
+    assert record["data"]["train_frames"] == 4 and record["data"]["val_frames"] == 2     # 2 frames, mirrored
+    assert record["machine"]["device"] == "cpu" and 0.0 <= record["metrics"]["val_cell_miou"] <= 1.0
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    backend = make_backend("lseg", device="cpu", model=str(out / "lseg_head.pt"))
+    f = backend.encode_image(np.zeros((120, 160, 3), np.uint8))
+    assert f.shape[-1] == 384 and torch.allclose(f.norm(dim=-1), torch.ones(f.shape[:2]), atol=1e-4)
+
+
+def test_train_features_refuses_evaluation_seeds_and_missing_cuda(tmp_path, capsys):
+    from geopurify_ros.features.train_lseg import main
+
+    assert main(["--out", str(tmp_path), "--seeds", "5"]) == 2
+    assert "seeds" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["--out", str(tmp_path), "--seeds", "1000", "--device", "cuda"]) == 2
+        assert "device" in capsys.readouterr().err

@@ -51,7 +51,7 @@ ROLES: dict[str, Role] = {r.name: r for r in [
          r"dressing|baby|garden|picnic|ping|bar|side|tablecloth", None, _INDOOR),
     Role("chair", "chair", r"chair|\bstool\b", r"wheel|deck|high|baby|child|sofa|relax|rocking|garden|office",
          None, _INDOOR, 1.4),
-    Role("clutter", None, r"\b(lamp|plant|vase|tv|television|clock|speaker|guitar|lamp|basket|bin|radio|piano|"
+    Role("clutter", None, r"\b(lamp|plant|vase|tv|television|clock|speaker|guitar|basket|bin|radio|piano|"
          r"computer|laptop|books?|fan|globe|cactus|ficus|palm)\b", r"street|outdoor|garden|ceiling|wall|pool|cabinet|table|stand|shelf",
          None, _INDOOR + ("Lights",), 2.2),
 ]}

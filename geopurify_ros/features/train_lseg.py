@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from ..data.catalog import TRAIN_SEED_MIN, split_table
 from ..data.classes import IGNORE_LABEL, class_names as table_class_names
 from ..data.text_frames import cached_text_frames
+from ..device import resolve_device
 from ..eval.metrics import Scores, confusion_matrix
 from .conse import load_efficientnet_lite, network_input_size, normalise_for_lite, shared_text_encoder
 from .lseg import DEFAULT_TEMPLATES, LSegHead, backbone_endpoints
@@ -53,10 +54,12 @@ def embed_texts(texts: list[str], templates, device) -> torch.Tensor:
 
 
 class FeatureSet:
-    """Backbone maps (float16) and per-cell targets of many frames, held in memory."""
+    """Backbone maps (float16, in CPU memory) and per-cell targets of many frames; the backbone runs on `device`."""
 
-    def __init__(self, net, seeds, frames_per_scene: int, image_width: int, vocab: list[str], flip: bool, log):
+    def __init__(self, net, seeds, frames_per_scene: int, image_width: int, vocab: list[str], flip: bool, log,
+                 device: torch.device = torch.device("cpu")):
         self.vocab = vocab
+        self.device = device
         self.f8, self.f16, self.f32, self.targets, self.classes = [], [], [], [], []
         t0 = time.perf_counter()
         for n, seed in enumerate(seeds):
@@ -81,10 +84,10 @@ class FeatureSet:
     def _add(self, net, rgb: np.ndarray, labels: np.ndarray, classes: np.ndarray, image_width: int) -> None:
         H, W = rgb.shape[:2]
         size = network_input_size(H, W, image_width)
-        f8, f16, f32 = backbone_endpoints(net, normalise_for_lite(rgb, size, torch.device("cpu")))
-        self.f8.append(f8[0].half().contiguous())
-        self.f16.append(f16[0].half().contiguous())
-        self.f32.append(f32[0].half().contiguous())
+        f8, f16, f32 = backbone_endpoints(net, normalise_for_lite(rgb, size, self.device))
+        self.f8.append(f8[0].half().cpu().contiguous())
+        self.f16.append(f16[0].half().cpu().contiguous())
+        self.f32.append(f32[0].half().cpu().contiguous())
         gh, gw = f8.shape[-2:]                     # targets at the head's output cells (stride 8)
         rows = ((np.arange(gh) + 0.5) * H / gh).astype(np.int64)      # cell centres, align_corners=False
         cols = ((np.arange(gw) + 0.5) * W / gw).astype(np.int64)
@@ -97,7 +100,8 @@ class FeatureSet:
 
 def cell_logits(head, fs: FeatureSet, idx, text_emb: torch.Tensor) -> torch.Tensor:
     """(B, V, h, w) cosine similarities of the head's cells to ``text_emb`` (V, D) for frames ``idx``."""
-    emb = head(fs.f8[idx].float(), fs.f16[idx].float(), fs.f32[idx].float())
+    dev = text_emb.device
+    emb = head(fs.f8[idx].to(dev).float(), fs.f16[idx].to(dev).float(), fs.f32[idx].to(dev).float())
     return torch.einsum("bdhw,vd->bvhw", emb, text_emb)
 
 
@@ -109,7 +113,7 @@ def closed_set_scores(head, fs: FeatureSet, class_emb: torch.Tensor, names: list
     for i in range(0, len(fs), batch):
         idx = torch.arange(i, min(i + batch, len(fs)))
         pred = cell_logits(head, fs, idx, class_emb).argmax(1)
-        cm += confusion_matrix(fs.classes[idx].numpy(), pred.numpy(), len(names), IGNORE_LABEL)
+        cm += confusion_matrix(fs.classes[idx].numpy(), pred.cpu().numpy(), len(names), IGNORE_LABEL)
     head.train()
     return Scores(cm, names)
 
@@ -127,20 +131,22 @@ def train(args, log=print) -> dict:
     if set(train_seeds) & set(val_seeds):
         raise ValueError("val-seeds: must not overlap the training seeds")
     templates = tuple(args.templates) if args.templates else DEFAULT_TEMPLATES
-    net = load_efficientnet_lite(args.backbone).to(memory_format=torch.channels_last)
+    device = resolve_device(args.device)
+    log(f"device: {device}")
+    net = load_efficientnet_lite(args.backbone).to(device, memory_format=torch.channels_last)
     t0 = time.perf_counter()
     vocab: list[str] = []
-    train_set = FeatureSet(net, train_seeds, args.frames, args.image_width, vocab, flip=True, log=log)
-    val_set = FeatureSet(net, val_seeds, args.frames, args.image_width, vocab, flip=False, log=None)
+    train_set = FeatureSet(net, train_seeds, args.frames, args.image_width, vocab, flip=True, log=log, device=device)
+    val_set = FeatureSet(net, val_seeds, args.frames, args.image_width, vocab, flip=False, log=None, device=device)
     t_data = time.perf_counter() - t0
     log(f"data: {len(train_set)} training frames ({len(train_seeds)} rooms, mirrored), {len(val_set)} validation "
         f"frames, vocabulary {len(vocab)} texts, {t_data:.0f} s")
-    text_emb = embed_texts(vocab, templates, "cpu")                          # (V, 384), frozen
+    text_emb = embed_texts(vocab, templates, "cpu").to(device)              # (V, 384), frozen
     names = list(table_class_names(args.labels))
     from ..query import CLASS_ALIASES
-    class_emb = embed_texts([CLASS_ALIASES.get(c.lower(), c) for c in names], templates, "cpu")
+    class_emb = embed_texts([CLASS_ALIASES.get(c.lower(), c) for c in names], templates, "cpu").to(device)
 
-    head = LSegHead(hidden=args.hidden, out_dim=text_emb.shape[1])
+    head = LSegHead(hidden=args.hidden, out_dim=text_emb.shape[1]).to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
@@ -155,7 +161,7 @@ def train(args, log=print) -> dict:
     for step in bar:
         idx = torch.from_numpy(rng.choice(len(train_set), args.batch, replace=False))
         logits = cell_logits(head, train_set, idx, text_emb) / args.tau       # (B, V, gh, gw)
-        loss = F.cross_entropy(logits, train_set.targets[idx], ignore_index=-1)
+        loss = F.cross_entropy(logits, train_set.targets[idx].to(device), ignore_index=-1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -189,9 +195,10 @@ def train(args, log=print) -> dict:
                                           for n, v in zip(names, final.iou) if final.present[names.index(n)]},
                     "history": history},
         "seconds": {"data": round(t_data, 1), "train": round(t_train, 1)},
-        "machine": {"threads": args.threads, "torch": torch.__version__, "platform": platform.platform()},
+        "machine": {"device": str(device), "threads": args.threads, "torch": torch.__version__,
+                    "platform": platform.platform()},
     }
-    torch.save({"config": head.config, "state_dict": head.state_dict(),
+    torch.save({"config": head.config, "state_dict": {k: v.cpu() for k, v in head.state_dict().items()},
                 "meta": {k: meta[k] for k in ("backbone", "image_width", "templates", "command")}},
                out / "lseg_head.pt")
     (out / "lseg_head.json").write_text(json.dumps(meta, indent=1))
@@ -218,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--labels", default=None, help="labels.yaml for validation scores (default config/labels.yaml)")
     ap.add_argument("--val-every", type=int, default=250)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda[:N]")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     return ap
