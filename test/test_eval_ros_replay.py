@@ -27,6 +27,9 @@ def test_fast_replay_defers_purification_rate_paced_keeps_the_period(tmp_path):
         write_node_params(tmp_path / "p.yaml", {"purify_period_s": 0.7, "voxel_size": 0.04}, ["chair"], fast=fast)
         p = yaml.safe_load((tmp_path / "p.yaml").read_text())[NODE]["ros__parameters"]
         assert p["purify_period_s"] == want and p["voxel_size"] == 0.04 and p["use_sim_time"] is True
+        assert 1 <= p["torch_threads"] <= max(1, (os.cpu_count() or 2) - 1)     # a core left for the replayer
+    write_node_params(tmp_path / "p.yaml", {"torch_threads": 3}, ["chair"])        # the user's choice is kept
+    assert yaml.safe_load((tmp_path / "p.yaml").read_text())[NODE]["ros__parameters"]["torch_threads"] == 3
 
 
 def test_ros_and_offline_replay_agree_on_tiny_bag(tmp_path):

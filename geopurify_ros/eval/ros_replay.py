@@ -52,6 +52,14 @@ def node_command() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "geopurify_ros.node.mapping_node"]
 
 
+def node_threads(params: dict[str, Any]) -> int:
+    """The node's CPU threads in a replay: the user's `torch_threads`, else one core fewer than the machine has.
+
+    The replaying process runs beside the node; OpenMP workers spin while they wait, so a node with a thread
+    per core made every frame ~1.5x slower on 2 cores (bench/bench_replay.py)."""
+    return int(params.get("torch_threads") or max(1, (os.cpu_count() or 2) - 1))
+
+
 def write_node_params(path: Path, params: dict[str, Any], class_names: list[str], fast: bool = False) -> None:
     """The user's params plus what replay needs: sim time, reliable QoS, poses from our PoseStamped topic;
     `fast` (acknowledged pacing): purification only when the replay advances the clock at the end."""
@@ -60,6 +68,7 @@ def write_node_params(path: Path, params: dict[str, Any], class_names: list[str]
     p = {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
     if fast:
         p["purify_period_s"] = FAST_PURIFY_PERIOD_S
+    p["torch_threads"] = node_threads(params)
     p.update(use_sim_time=True, sensor_qos="reliable", pose_source="pose", pose_topic=EVAL_POSE_TOPIC,
              class_names=list(class_names), diagnostics_period_s=DIAG_PERIOD_S, publish_diagnostics=True,
              color_encoding="", depth_encoding="")
@@ -211,6 +220,7 @@ def replay_ros(source: BagSource, params: dict[str, Any], class_names: list[str]
     # our /clock must never reach anyone else's nodes. GEOPURIFY_EVAL_DOMAIN_ID pins it.
     domain = domain_id if domain_id is not None else int(os.environ.get("GEOPURIFY_EVAL_DOMAIN_ID", os.getpid() % 70 + 30))
     env = dict(os.environ, ROS_DOMAIN_ID=str(domain), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
+    env.setdefault("OMP_NUM_THREADS", str(node_threads(params)))   # also the thread pools torch does not own
     os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 
     t = source.topics
@@ -223,6 +233,9 @@ def replay_ros(source: BagSource, params: dict[str, Any], class_names: list[str]
     pose_stamps, pose_mats = source.pose_samples()
 
     node_proc = _NodeProcess(params_file, env, tmp / "node.log")
+    import torch
+    replayer_threads = torch.get_num_threads()
+    torch.set_num_threads(1)        # this process streams bytes meanwhile: its OpenMP pool must not compete
     ctx = rclpy.Context()
     rclpy.init(context=ctx, domain_id=domain)
     executor = None
@@ -322,6 +335,7 @@ def replay_ros(source: BagSource, params: dict[str, Any], class_names: list[str]
             executor.shutdown(timeout_sec=1.0)
         rclpy.try_shutdown(context=ctx)
         node_proc.stop()
+        torch.set_num_threads(replayer_threads)
 
 
 def _drops(d: dict[str, str]) -> str:

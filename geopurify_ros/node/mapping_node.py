@@ -161,6 +161,9 @@ class MappingNode(Node):
     def __init__(self, pipeline: Any = None, **kwargs: Any) -> None:
         super().__init__(NODE_NAME, **kwargs)
         self.pcfg, self.cfg = node_params.split_params(node_params.declare_and_read(self))  # ValueError names it
+        if self.cfg.torch_threads:
+            import torch        # OpenMP workers spin while they wait: more than the free cores slows every frame
+            torch.set_num_threads(self.cfg.torch_threads)
         self.counters: Counter = Counter({k: 0 for k in ("frames_in", "keyframes", "skipped_not_keyframe",
                                                          "clouds_published", "time_jumps")})
         self.counters.update({f"dropped.{r}": 0 for r in mc.DROP_REASONS})

@@ -50,6 +50,7 @@ class NodeConfig(ParamConfig):
     publish_diagnostics: bool = True
     diagnostics_period_s: float = 1.0
     warn_throttle_s: float = 5.0
+    torch_threads: int = 0                    # 0 = torch default (one per core)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad parameter."""
@@ -80,6 +81,7 @@ class NodeConfig(ParamConfig):
         need(self.cloud_color in CLOUD_COLORS, "cloud_color", "must be one of " + ", ".join(CLOUD_COLORS))
         need(self.diagnostics_period_s > 0, "diagnostics_period_s", "must be > 0")
         need(self.warn_throttle_s >= 0, "warn_throttle_s", "must be >= 0")
+        need(self.torch_threads >= 0, "torch_threads", "must be >= 0 (0 = torch default)")
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,7 @@ _NODE_DOC = {
     "publish_diagnostics": ("Publish /diagnostics", None),
     "diagnostics_period_s": ("Period of /diagnostics [s]", (1e-3, 3600.0)),
     "warn_throttle_s": ("Minimum interval between warnings of one drop reason [s]", (0.0, 3600.0)),
+    "torch_threads": ("CPU threads for features, fusion and purification (0 = torch default, one per core; fewer leaves cores to the camera driver and other nodes)", (0, 1024)),
 }
 
 
