@@ -112,10 +112,14 @@ def network_input_size(h: int, w: int, width: float) -> tuple[int, int]:
 def normalise_for_lite(rgb: np.ndarray, size: tuple[int, int], device: torch.device) -> torch.Tensor:
     """uint8 (H, W, 3) → the float (1, 3, h, w) channels-last input EfficientNet-Lite expects at ``size``."""
     H, W = rgb.shape[:2]
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).to(device).permute(2, 0, 1)[None].float()
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).to(device).permute(2, 0, 1)[None]      # uint8, channels-last
+    if device.type != "cpu":
+        x = x.float()
     if tuple(size) != (H, W):
+        # on CPU resized as uint8 (torch's vectorised path for 3-channel channels-last images): 2.3 ms less than
+        # in float32 at 640x480 -> 448x320 on one thread, pixels within one grey level; CUDA resizes float
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=size[0] < H)
-    return ((x - _LITE_MEAN) / _LITE_STD).contiguous(memory_format=torch.channels_last)
+    return ((x.float() - _LITE_MEAN) / _LITE_STD).contiguous(memory_format=torch.channels_last)
 
 
 def _fold(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d) -> None:
