@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     ap.add_argument("--leakage", action="store_true", help="also print the poster / L-corner leakage table")
     ap.add_argument("--leakage-only", action="store_true")
     ap.add_argument("--student", default="", help="student checkpoint (default: the one shipped for --backend)")
-    ap.add_argument("--backend", default="conse", help="feature backend whose shipped student is used")
+    ap.add_argument("--backend", default="lseg", help="feature backend whose shipped student is used (default: the default backend)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda[:N]: map, student and pooling on this device")
     ap.add_argument("--iterations", type=int, default=PurifyConfig.iterations)
     ap.add_argument("--radius", type=int, default=PurifyConfig.radius)
