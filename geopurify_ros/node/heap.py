@@ -10,12 +10,10 @@ turns the dynamic adjustment off, so large blocks stay mmapped and go back to th
 The threshold is 32 MiB (glibc's own upper bound), not lower: every mmapped block is fresh, zeroed pages,
 and with a 1 MiB threshold each feature-network activation (5-15 MB at 448x320) was page-faulted in anew
 on every frame, making the node's frames 4-8x slower than the same code offline (bench/bench_replay.py).
-What keeps RSS flat at 32 MiB is capping the number of heap arenas (M_ARENA_MAX = 2): threads share two
-arenas, so blocks freed by one thread are reused by the others instead of stranding in per-thread arenas.
-Fragments that stay free inside the arenas are handed back by `trim()` (glibc malloc_trim, every arena),
-which the node calls on a timer. Measured (bench/bench_soak.py, lseg, a ~/query every 2 frames): 1 MiB
-threshold -24.9 MB after warm-up over 1200 frames, 132 frames fused; 32 MiB + 2 arenas without trimming
-+28 MB over 3000 frames (levelling off near 800 MB), 646 fused; with trimming: see docs/NODE.md.
+Against fragmentation at 32 MiB the node caps the heap arenas at 2 (M_ARENA_MAX: blocks freed by one thread
+are reused by the others instead of stranding in per-thread arenas) and hands free fragments back with
+`trim()` (glibc malloc_trim, every arena) on a timer. Soak (bench/bench_soak.py, lseg): flat without queries;
+with a new query text every 2 frames flat once the bounded text caches are full (numbers in docs/NODE.md).
 """
 from __future__ import annotations
 
