@@ -1,5 +1,6 @@
 """MappingPipeline under concurrency: purification computes on a StagedMap (same result as in place), queries run
 while a pass computes and wait at most one commit block, and the fast query path equals the reference formula."""
+import contextlib
 import threading
 import time
 import zlib
@@ -62,6 +63,30 @@ def channels(vm):
     return {n: vm.channel(n).clone() for n in vm.channel_names() if n.startswith("purif")}
 
 
+@contextlib.contextmanager
+def stalled(obj, method: str, run, *args, enter_timeout: float = 10):
+    """Run `run(*args)` on a thread whose call of `obj.<method>` blocks on entry until the block ends; yields
+    the thread once it is blocked there, then releases it, joins it and restores the method."""
+    entered, release = threading.Event(), threading.Event()
+    real = getattr(obj, method)
+
+    def slow(*a, **kw):
+        entered.set()
+        assert release.wait(10)
+        return real(*a, **kw)
+
+    setattr(obj, method, slow)
+    th = threading.Thread(target=run, args=args)
+    th.start()
+    try:
+        assert entered.wait(enter_timeout)
+        yield th
+    finally:
+        release.set()
+        th.join(30)
+        setattr(obj, method, real)
+
+
 def test_staged_purify_equals_purify_in_place(pipe, tmp_path):
     pipe.voxel_map.save(tmp_path / "m.pt")
     ref_map = VoxelMap.load(tmp_path / "m.pt")
@@ -111,24 +136,11 @@ def test_query_runs_while_a_purification_pass_computes(pipe):
     pipe.purify()
     pipe.process_frame(*frame(3))                        # dirty voxels: the query reads raw features for those
     before = pipe.query("chair", threshold=0.01)
-    computing, release = threading.Event(), threading.Event()
-    real = pipe.purifier.purify
-
-    def slow_purify(*args, **kwargs):
-        computing.set()
-        assert release.wait(10)
-        return real(*args, **kwargs)
-
-    pipe.purifier.purify = slow_purify
-    th = threading.Thread(target=pipe.purify)
-    th.start()
-    assert computing.wait(10)
-    t0 = time.monotonic()
-    during = pipe.query("chair", threshold=0.01)          # must not wait for the pass
-    cloud = pipe.labelled_cloud()
-    assert time.monotonic() - t0 < 5 and th.is_alive()
-    release.set()
-    th.join(30)
+    with stalled(pipe.purifier, "purify", pipe.purify) as th:
+        t0 = time.monotonic()
+        during = pipe.query("chair", threshold=0.01)      # must not wait for the pass
+        cloud = pipe.labelled_cloud()
+        assert time.monotonic() - t0 < 5 and th.is_alive()
     np.testing.assert_array_equal(during.cloud, before.cloud)   # the pass had not committed: same map
     assert len(cloud) == len(pipe.voxel_map)
     assert pipe.voxel_map.dirty_slots().numel() == 0
@@ -165,22 +177,8 @@ def test_query_equals_reference_formula(pipe):
 def test_mode_change_during_a_pass_makes_the_next_pass_full(pipe):
     pipe.purify()
     pipe.process_frame(*frame(3))
-    computing, release = threading.Event(), threading.Event()
-    real = pipe.purifier.purify
-
-    def slow_purify(*args, **kwargs):
-        computing.set()
-        assert release.wait(10)
-        return real(*args, **kwargs)
-
-    pipe.purifier.purify = slow_purify
-    th = threading.Thread(target=pipe.purify)
-    th.start()
-    assert computing.wait(10)
-    pipe.set_purify_mode("purified")                     # arrives while the (pooled, incremental) pass computes
-    release.set()
-    th.join(30)
-    pipe.purifier.purify = real
+    with stalled(pipe.purifier, "purify", pipe.purify):
+        pipe.set_purify_mode("purified")                 # arrives while the (pooled, incremental) pass computes
     # Until a pass in the new mode commits, readers see the raw fused features, not the old mode's output.
     _, raw_scores = pipe.scorer.label(pipe.voxel_map.features)
     _, pooled_scores = pipe.scorer.label(pipe.voxel_map.channel("purified"))
@@ -216,23 +214,10 @@ def test_loaded_map_recomputes_query_statistics(pipe, tmp_path):
 
 def test_stats_do_not_wait_for_a_fusion(pipe):
     before = pipe.stats()
-    fusing, release = threading.Event(), threading.Event()
-    real = pipe.voxel_map.fuse_frame
-
-    def slow_fuse(*args, **kwargs):
-        fusing.set()
-        assert release.wait(10)
-        return real(*args, **kwargs)
-
-    pipe.voxel_map.fuse_frame = slow_fuse
-    th = threading.Thread(target=pipe.process_frame, args=frame(5))
-    th.start()
-    assert fusing.wait(30)                               # the worker holds the write side now
-    t0 = time.monotonic()
-    during = pipe.stats()
-    assert time.monotonic() - t0 < 1.0 and during["frames_fused"] == before["frames_fused"]
-    release.set()
-    th.join(30)
+    with stalled(pipe.voxel_map, "fuse_frame", pipe.process_frame, *frame(5), enter_timeout=30):
+        t0 = time.monotonic()                            # the worker holds the write side now
+        during = pipe.stats()
+        assert time.monotonic() - t0 < 1.0 and during["frames_fused"] == before["frames_fused"]
     after = pipe.stats()
     assert after["frames_fused"] == before["frames_fused"] + 1 and after["voxels"] == len(pipe.voxel_map)
     assert after["dirty_voxels"] == pipe.voxel_map.dirty_slots().numel() > 0
