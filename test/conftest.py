@@ -1,10 +1,20 @@
 """Shared pytest set-up: tests run inside the env written by scripts/setup.sh (build/env.sh)."""
 import os
 
+import pytest
 import torch
 
 # Two cores on the CI machines: keep torch from oversubscribing them when pytest runs subprocesses.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread avoids synchronisation overhead on the shared 2-core runners."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def tiny_demo_dir():

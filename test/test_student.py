@@ -38,15 +38,6 @@ def test_embeddings_shape_norm_and_rotation_invariance():
     assert net.receptive_hops == 3
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: one thread avoids synchronisation overhead on the shared 2-core runners."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_student_overfits_teacher_by_info_nce_on_a_tiny_scene(one_thread):
     torch.manual_seed(0)
     s = tiny_scene(size=0.6)                 # ~600 voxels: keeps the test at a few seconds

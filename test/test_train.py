@@ -18,14 +18,6 @@ def tiny_training_recording():
     return out
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_pretrain_writes_a_reproducible_record_and_a_loadable_teacher(tmp_path, one_thread):
     rec = pretrain(PretrainConfig(out=str(tmp_path), rooms=1, steps=3, save_every=2, crop=0.8), ["--test"],
                    progress=False)
