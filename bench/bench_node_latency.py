@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -91,6 +90,7 @@ def main() -> int:
     from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 
+    from geopurify_ros.eval.ros_replay import stop_node_process
     from geopurify_ros.node import msg_convert as mc
     from geopurify_ros.purify import student
     from geopurify_ros.srv import TextQuery
@@ -207,11 +207,7 @@ def main() -> int:
     finally:
         node.destroy_node()
         rclpy.try_shutdown()
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_node_process(proc, 20)
     return 0
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -82,6 +81,7 @@ def main() -> int:
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import CameraInfo, Image
 
+    from geopurify_ros.eval.ros_replay import stop_node_process
     from geopurify_ros.node import msg_convert as mc
     from geopurify_ros.ros_time import ns_to_stamp
     from geopurify_ros.srv import TextQuery
@@ -166,12 +166,7 @@ def main() -> int:
     finally:
         node.destroy_node()
         rclpy.try_shutdown()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_node_process(proc, 30)
     report(samples, args)
     return 0
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from std_srvs.srv import Trigger  # noqa: E402
 from visualization_msgs.msg import MarkerArray  # noqa: E402
 
 from geopurify_ros.camera import CameraModel  # noqa: E402
+from geopurify_ros.eval.ros_replay import stop_node_process  # noqa: E402
 from geopurify_ros.msg import ClassList  # noqa: E402
 from geopurify_ros.node import msg_convert as mc  # noqa: E402
 from geopurify_ros.srv import MapFile, TextQuery  # noqa: E402
@@ -160,13 +160,7 @@ def start_node(tmp_dir: Path, overrides: dict, log_name="node.log"):
 
 
 def stop_node(proc):
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+    stop_node_process(proc, 15)
 
 
 class Client:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import time
 from collections import Counter
@@ -27,6 +26,7 @@ rclpy = pytest.importorskip("rclpy")
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import PointCloud2  # noqa: E402
 
+from geopurify_ros.eval.ros_replay import stop_node_process  # noqa: E402
 from geopurify_ros.msg import ClassList  # noqa: E402
 from geopurify_ros.palette import colors_of  # noqa: E402
 from geopurify_ros.pointcloud2 import from_msg, unpack_rgb  # noqa: E402
@@ -114,13 +114,7 @@ class Live:
     def close(self):
         self.node.destroy_node()
         rclpy.shutdown(context=self.ctx)
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_node_process(self.proc, 20)
 
 
 @pytest.fixture(scope="module")

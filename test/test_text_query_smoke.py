@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 
+from geopurify_ros.eval.ros_replay import stop_node_process  # noqa: E402
 from geopurify_ros.node import msg_convert as mc  # noqa: E402
 from geopurify_ros.srv import TextQuery  # noqa: E402
 
@@ -91,10 +91,5 @@ def test_text_query_from_another_process(tmp_path):
     finally:
         node.destroy_node()
         rclpy.shutdown(context=ctx)
-        proc.send_signal(signal.SIGINT)
-        try:
-            rc = proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = proc.wait()
+        rc = stop_node_process(proc, 20)
     assert rc == 0, (tmp_path / "node.log").read_text()[-3000:]

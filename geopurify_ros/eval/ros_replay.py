@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,18 @@ _CDR_STAMP_END = 12             # CDR encapsulation (4 bytes) + header.stamp (se
 def node_command() -> list[str]:
     exe = shutil.which("geopurify-mapping")
     return [exe] if exe else [sys.executable, "-m", "geopurify_ros.node.mapping_node"]
+
+
+def stop_node_process(proc: subprocess.Popen, timeout_s: float = 10.0) -> int:
+    """SIGINT (rclpy shuts the node down cleanly), `timeout_s` to exit, then SIGKILL; returns the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
 
 
 def node_threads(params: dict[str, Any]) -> int:
@@ -192,13 +205,7 @@ class _NodeProcess:
         return " | ".join(lines[-n:])[-600:]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(2)          # SIGINT: rclpy shuts down cleanly
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_node_process(self.proc, 10)
         self._log.close()
 
 
