@@ -262,10 +262,7 @@ def backproject_grid(depth, cam: CameraModel, T_world_cam, stride: int = 1, min_
         raise ValueError(f"depth: expected float metres, got {depth.dtype} (decode with image_codec.decode_depth)")
     if depth.shape != (cam.height, cam.width):
         raise ValueError(f"depth: expected ({cam.height}, {cam.width}) to match cam, got {tuple(depth.shape)}")
-    if int(stride) != stride or stride < 1:
-        raise ValueError(f"stride: expected a positive integer, got {stride!r}")
-    if not (0 <= min_depth < max_depth):
-        raise ValueError(f"min_depth/max_depth: need 0 <= min_depth < max_depth, got {min_depth}, {max_depth}")
+    check_grid_args(stride, min_depth, max_depth)
     stride = int(stride)
     T = torch.as_tensor(validate_pose(T_world_cam), dtype=torch.float32, device=depth.device)
     R, t = T[:3, :3], T[:3, 3]
@@ -282,6 +279,14 @@ def backproject_grid(depth, cam: CameraModel, T_world_cam, stride: int = 1, min_
     points = torch.stack([torch.addcmul(torch.addcmul(zv * R[i, 2] + t[i], x, R[i, 0]), y, R[i, 1])
                           for i in range(3)], dim=0).t()
     return points, idx, zv
+
+
+def check_grid_args(stride, min_depth: float, max_depth: float) -> None:
+    """ValueError unless stride is a positive integer and 0 <= min_depth < max_depth (``backproject_grid``'s args)."""
+    if int(stride) != stride or stride < 1:
+        raise ValueError(f"stride: expected a positive integer, got {stride!r}")
+    if not (0 <= min_depth < max_depth):
+        raise ValueError(f"min_depth/max_depth: need 0 <= min_depth < max_depth, got {min_depth}, {max_depth}")
 
 
 def stride_grid(cam: CameraModel, stride: int, dev) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .camera import CameraModel, backproject_grid, stride_grid, validate_pose
+from . import fusion_kernels
+from .camera import CameraModel, backproject_grid, check_grid_args, stride_grid, validate_pose
 from .device import resolve_device
 
 KEY_BITS = 21
@@ -194,6 +195,7 @@ class VoxelMap:
         self.evict_margin = float(evict_margin)
         self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
         self._specs: dict[str, tuple[tuple, torch.dtype, float]] = {}  # auxiliary channels
+        self._kernel_ws = None      # fusion_kernels.Workspace, made on the first kernel fuse
         self._alloc(0)
 
     # ------------------------------------------------------------------ storage
@@ -445,10 +447,10 @@ class VoxelMap:
         csum = torch.zeros((m, 3), device=dev).index_add_(0, inv, colors.float() * weights[:, None])
         cnt = torch.bincount(inv, minlength=m).to(torch.int32)
 
-        def feature_rows(scale):
-            return lambda v0, v1: fsum[v0:v1] * scale[v0:v1, None]
+        def fold(scale, old, dest, a):
+            self._fold_features(lambda v0, v1: fsum[v0:v1] * scale[v0:v1, None], old, dest, a)
 
-        return self._integrate(ukeys, wsum, feature_rows, xsum, csum, cnt, stamp, origin)
+        return self._integrate(ukeys, wsum, fold, xsum, csum, cnt, stamp, origin)
 
     def fuse_frame(self, depth, feature_map, rgb, cam: CameraModel, T_world_cam, stamp: float = 0.0, stride: int = 2,
                    min_depth: float = 0.1, max_depth: float = 8.0, weighting: str = "depth") -> FuseStats:
@@ -489,6 +491,13 @@ class VoxelMap:
         if not (math.isfinite(float(fmin)) and math.isfinite(float(fmax))):
             raise ValueError("feature_map: contains NaN/inf")
         T = validate_pose(T_world_cam)
+        if dev.type == "cpu" and fusion_kernels.available():
+            check_grid_args(stride, min_depth, max_depth)
+            try:
+                return self._fuse_frame_kernels(depth, feature_map, rgb, cam, T, stamp, int(stride), min_depth,
+                                                max_depth, weighting)
+            except Exception as exc:  # a numba/LLVM failure must not stop mapping: the torch path is exact too
+                fusion_kernels.disable(f"{type(exc).__name__}: {exc}")
         points, gidx, z = backproject_grid(depth, cam, T, stride, min_depth, max_depth)
         w = (1.0 / (z * z)) if weighting == "depth" else torch.ones_like(z)
         q = torch.floor(points / self.voxel_size)
@@ -538,7 +547,7 @@ class VoxelMap:
         start = torch.zeros(m + 1, dtype=torch.int64, device=dev)
         torch.cumsum(torch.bincount(pvox, minlength=m) * 4, 0, out=start[1:])
 
-        def feature_rows(scale: torch.Tensor):
+        def fold(scale: torch.Tensor, old, dest, a):
             # sum_points w * bilinear(F) = A @ F with A (voxels x cells) sparse, 4 entries per pair; evaluated as a
             # weighted embedding_bag (CSR x dense, fast on CPU and CUDA) one block of voxels at a time, so each
             # (rows, D) result is consumed while cache-resident. ``scale`` (per voxel) goes into the sparse values.
@@ -548,16 +557,48 @@ class VoxelMap:
                 e0, e1 = int(start[v0]), int(start[v1])
                 return torch.nn.functional.embedding_bag(cols[e0:e1], fmap, start[v0:v1] - e0, mode="sum",
                                                          per_sample_weights=vals[e0:e1])
-            return rows
+            self._fold_features(rows, old, dest, a)
 
-        return self._integrate(ukeys, per_vox[:, 0], feature_rows, per_vox[:, 1:4], per_vox[:, 4:7], cnt, stamp, origin)
+        return self._integrate(ukeys, per_vox[:, 0], fold, per_vox[:, 1:4], per_vox[:, 4:7], cnt, stamp, origin)
 
-    def _integrate(self, ukeys, wsum, feature_rows, xsum, csum, cnt, stamp, origin) -> FuseStats:
+    def _workspace(self) -> "fusion_kernels.Workspace":
+        if self._kernel_ws is None:
+            self._kernel_ws = fusion_kernels.Workspace()
+        return self._kernel_ws
+
+    def _fuse_frame_kernels(self, depth, feature_map, rgb, cam, T, stamp, stride, min_depth, max_depth,
+                            weighting) -> FuseStats:
+        """``fuse_frame`` with the fused CPU kernels (``fusion_kernels``): the same back-projection, sums and fold as
+        the torch path, in three passes (group, update of existing voxels, feature fold) instead of ~100 ops."""
+        h, wf = feature_map.shape[:2]
+        _, rays = stride_grid(cam, stride, self.device)
+        flat, cell_grid, frac_grid = _sample_grid(cam, stride, h, wf, self.device)
+        Tf = torch.as_tensor(T, dtype=torch.float32)      # backproject_grid's float32 pose
+        ukeys, per_vox, cnt, start, cells, cw = (torch.from_numpy(x) for x in fusion_kernels.group_frame(
+            self._workspace(), depth.contiguous().numpy(), stride, min_depth, max_depth, weighting == "uniform",
+            rays.numpy(), Tf[:3, :3].contiguous().numpy(), Tf[:3, 3].contiguous().numpy(), cell_grid.numpy(),
+            frac_grid.numpy(), flat.numpy(), rgb.reshape(-1, 3).numpy(), self.voxel_size, KEY_MIN, KEY_MAX,
+            KEY_OFFSET, KEY_BITS))
+        origin = Tf[:3, 3].clone()
+        if ukeys.numel() == 0:
+            self._origin = origin
+            return FuseStats()
+        fmap = feature_map.detach().reshape(h * wf, self.feature_dim).float().contiguous().numpy()
+        dx, dy = (1 if wf > 1 else 0), (wf if h > 1 else 0)
+
+        def fold(scale, old, dest, a):
+            fusion_kernels.fold_features(start.numpy(), cells.numpy(), cw.numpy(), fmap, dx, dy,
+                                         scale.contiguous().numpy(), a.contiguous().numpy(), old.numpy(),
+                                         dest.contiguous().numpy(), self._buf["features"].view(torch.int16).numpy())
+
+        return self._integrate(ukeys, per_vox[:, 0], fold, per_vox[:, 1:4], per_vox[:, 4:7], cnt, stamp, origin)
+
+    def _integrate(self, ukeys, wsum, fold, xsum, csum, cnt, stamp, origin) -> FuseStats:
         """Fold per-voxel weighted sums into the map.
 
         ukeys (M,) sorted unique keys; wsum (M,) weight sums; xsum, csum (M,3) weighted sums of positions / colours;
-        cnt (M,) int32 point counts; feature_rows(scale (M,)) -> rows(v0, v1) giving the (v1-v0, D) float32 rows
-        ``scale[v] * sum(w * f)`` of voxels v0..v1-1.
+        cnt (M,) int32 point counts; fold(scale (M,), old, dest, a) writes each voxel's blended feature row
+        ``scale[v] * sum(w * f) + a[v] * stored`` to slot dest[v] (``_fold_features`` or the fused kernel).
         Order: small per-voxel fields of existing voxels, then eviction (if the budget is exceeded), then the features
         of all surviving voxels in one blocked pass (``_fold_features``), then the new voxels' other fields.
         """
@@ -571,22 +612,13 @@ class VoxelMap:
         ni = (~old).nonzero().squeeze(1)
         n_old, k = oi.numel(), ni.numel()
         s = slots[oi]
-        w0 = b["weights"][s]
-        w1 = wsum.clone()
-        w1[oi] += w0
         # Running weighted mean: mean' = mean * w0/w1 + sum(w f)/w1, with w0 = 0 (a = 0) for new voxels.
-        scale = 1.0 / w1
-        a = torch.zeros(m, device=self.device)
-        a[oi] = w0 / w1[oi]
-        if n_old:   # index_select / index_copy_: cheaper on CPU than advanced indexing for these narrow rows
-            a_old, c = a[oi, None], scale[oi, None]
-            b["xyz"].index_copy_(0, s, b["xyz"].index_select(0, s) * a_old + xsum[oi] * c)
-            b["colors"].index_copy_(0, s, (b["colors"].index_select(0, s) * a_old + csum[oi] * c)
-                                    .round_().clamp_(0, 255).to(torch.uint8))
-            b["weights"].index_copy_(0, s, w1[oi])
-            b["counts"].index_add_(0, s, cnt[oi])
-            b["last_seen"].index_fill_(0, s, stamp)
-            b["dirty"].index_fill_(0, s, True)
+        if self.device.type == "cpu" and fusion_kernels.available():
+            w1, scale, a = (torch.from_numpy(x) for x in fusion_kernels.update_existing(
+                slots.numpy(), wsum.numpy(), xsum.numpy(), csum.numpy(), cnt.numpy(), stamp,
+                *(b[k].numpy() for k in ("weights", "xyz", "colors", "counts", "last_seen", "dirty"))))
+        else:
+            w1, scale, a = self._update_existing(s, oi, wsum, xsum, csum, cnt, stamp)
         nxyz = xsum[ni] * scale[ni, None]
         need = self._n + k - self.max_voxels
         evicted = 0
@@ -608,7 +640,7 @@ class VoxelMap:
         n0 = self._n
         self._reserve(n0 + k)
         dest[ni] = torch.arange(n0, n0 + k, device=self.device)
-        self._fold_features(feature_rows(scale), old, dest, a)
+        fold(scale, old, dest, a)
         if k:
             sl = slice(n0, n0 + k)
             b["keys"][sl] = ukeys[ni]
@@ -623,6 +655,27 @@ class VoxelMap:
             self._n += k
             self._index_insert(ukeys[ni], torch.arange(n0, n0 + k, device=self.device))
         return FuseStats(new=k, updated=n_old, evicted=evicted, points=int(cnt.sum()))
+
+    def _update_existing(self, s, oi, wsum, xsum, csum, cnt, stamp: float):
+        """Torch path of ``fusion_kernels.update_existing``: the fields other than features of the existing voxels
+        ``oi`` (slots ``s``); returns (w1, scale, a) over all M voxels."""
+        b = self._buf
+        w0 = b["weights"][s]
+        w1 = wsum.clone()
+        w1[oi] += w0
+        scale = 1.0 / w1
+        a = torch.zeros(wsum.numel(), device=self.device)
+        a[oi] = w0 / w1[oi]
+        if oi.numel():   # index_select / index_copy_: cheaper on CPU than advanced indexing for these narrow rows
+            a_old, c = a[oi, None], scale[oi, None]
+            b["xyz"].index_copy_(0, s, b["xyz"].index_select(0, s) * a_old + xsum[oi] * c)
+            b["colors"].index_copy_(0, s, (b["colors"].index_select(0, s) * a_old + csum[oi] * c)
+                                    .round_().clamp_(0, 255).to(torch.uint8))
+            b["weights"].index_copy_(0, s, w1[oi])
+            b["counts"].index_add_(0, s, cnt[oi])
+            b["last_seen"].index_fill_(0, s, stamp)
+            b["dirty"].index_fill_(0, s, True)
+        return w1, scale, a
 
     def _fold_features(self, rows, old: torch.Tensor, dest: torch.Tensor, a: torch.Tensor) -> None:
         """Write voxel v's feature row ``rows(v, v+1) + a[v] * stored[dest[v]]`` (stored term only for existing
