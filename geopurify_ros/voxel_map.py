@@ -140,6 +140,14 @@ def _sample_grid(cam: CameraModel, stride: int, h: int, w: int, dev) -> tuple[to
 _SAMPLE_GRIDS: dict = {}
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    if t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and fusion_kernels.available():
+        return fusion_kernels.all_finite(t.detach().numpy())
+    # min/max propagate NaN and expose +-inf: one reduction pass instead of an isfinite mask over (h, w, D).
+    lo, hi = t.aminmax()
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
+
+
 @dataclass
 class FuseStats:
     """Outcome of one fuse: voxels created, existing voxels updated, voxels evicted, points fused."""
@@ -486,9 +494,7 @@ class VoxelMap:
                 or feature_map.shape[0] < 1 or feature_map.shape[1] < 1):
             raise ValueError(f"feature_map: expected float (h, w, {self.feature_dim}), got "
                              f"{feature_map.dtype} {tuple(feature_map.shape)}")
-        # min/max propagate NaN and expose +-inf: one reduction pass instead of an isfinite mask over (h, w, D).
-        fmin, fmax = feature_map.aminmax()
-        if not (math.isfinite(float(fmin)) and math.isfinite(float(fmax))):
+        if not _all_finite(feature_map):
             raise ValueError("feature_map: contains NaN/inf")
         T = validate_pose(T_world_cam)
         if dev.type == "cpu" and fusion_kernels.available():
