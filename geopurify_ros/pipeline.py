@@ -107,6 +107,7 @@ class MappingPipeline:
         c = self.config
         vm = VoxelMap(voxel_size=c.voxel_size, feature_dim=self.backend.dim, max_voxels=c.max_voxels,
                       eviction=c.eviction, device=self.device)
+        vm.warm_up()
         self._fresh_query_stats(vm)
         return vm
 
