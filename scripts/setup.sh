@@ -76,4 +76,7 @@ export RMW_IMPLEMENTATION=\${RMW_IMPLEMENTATION:-rmw_fastrtps_cpp}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export GEOPURIFY_CACHE="\${GEOPURIFY_CACHE:-$ROOT/build/cache}"
 ENV
+# 6. Compile the numba fusion kernels once (~5 s; cached beside the module) so no frame or test pays for it.
+python -c 'from geopurify_ros.voxel_map import VoxelMap; VoxelMap().warm_up()' \
+  || say "fusion kernels unavailable (the torch path will be used)"
 say "ready: . build/env.sh"
