@@ -594,8 +594,8 @@ class VoxelMap:
         ukeys, per_vox, cnt, start, cells, cw = (torch.from_numpy(x) for x in fusion_kernels.group_frame(
             self._workspace(), depth.contiguous().numpy(), stride, min_depth, max_depth, weighting == "uniform",
             rays.numpy(), Tf[:3, :3].contiguous().numpy(), Tf[:3, 3].contiguous().numpy(), cell_grid.numpy(),
-            frac_grid.numpy(), flat.numpy(), rgb.reshape(-1, 3).numpy(), self.voxel_size, KEY_MIN, KEY_MAX,
-            KEY_OFFSET, KEY_BITS))
+            frac_grid.numpy(), flat.numpy(), rgb.reshape(-1, 3).contiguous().numpy(), self.voxel_size, KEY_MIN,
+            KEY_MAX, KEY_OFFSET, KEY_BITS))          # contiguous inputs: one compiled signature
         origin = Tf[:3, 3].clone()
         if ukeys.numel() == 0:
             self._origin = origin
