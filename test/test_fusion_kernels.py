@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from geopurify_ros import fusion_kernels
+from geopurify_ros.camera import CameraModel
 from geopurify_ros.voxel_map import KEY_MAX, VoxelMap
 
 from test_voxel_map import CAM, VS, look_down_pose
@@ -11,25 +12,30 @@ from test_voxel_map import CAM, VS, look_down_pose
 needs_numba = pytest.mark.skipif(not fusion_kernels.ENABLED, reason="numba not installed (torch path only)")
 
 
-def run_sequence(use_kernels: bool, monkeypatch, max_voxels: int, weighting: str, D: int = 7):
+ODD_CAM = CameraModel(161, 119, 140.0, 140.0, 80.0, 59.0)   # sizes no stride divides
+
+
+def run_sequence(use_kernels: bool, monkeypatch, max_voxels: int, weighting: str, D: int = 7, cam=CAM,
+                 strides=(1, 2)):
     """Five moving frames with holes, NaN/out-of-range depth, one frame straddling the key limit, an aux channel."""
     monkeypatch.setattr(fusion_kernels, "ENABLED", use_kernels)
     g = torch.Generator().manual_seed(3)
     fmap = torch.randn(15, 20, D, generator=g)
     rng = np.random.default_rng(3)
-    rgb = rng.integers(0, 256, (CAM.height, CAM.width, 3), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (cam.height, cam.width, 3), dtype=np.uint8)
     vm = VoxelMap(VS, D, max_voxels=max_voxels)
     vm.add_channel("tag", (), torch.int32, fill=-3)
     stats = []
     for i in range(5):
-        depth = (0.8 + 0.3 * rng.random((CAM.height, CAM.width))).astype(np.float32)
+        depth = (0.8 + 0.3 * rng.random((cam.height, cam.width))).astype(np.float32)
         depth[rng.random(depth.shape) < 0.05] = np.nan
         depth[rng.random(depth.shape) < 0.02] = 50.0        # beyond max_depth
         T = look_down_pose(1.2 + 0.05 * i)
         T[:3, 3] += [0.07 * i, -0.03 * i, 0.0]
         if i == 4:
             T[:3, 3] = [(KEY_MAX + 0.5) * VS, 0.0, 1.0]       # half of this frame is outside the key range
-        st = vm.fuse_frame(depth, fmap, rgb, CAM, T, stamp=float(i), stride=2 if i % 2 else 1, weighting=weighting)
+        st = vm.fuse_frame(depth, fmap, rgb, cam, T, stamp=float(i), stride=strides[i % len(strides)],
+                           weighting=weighting)
         stats.append((st.new, st.updated, st.evicted, st.points))
         if i == 2:
             vm.clear_dirty()
@@ -37,11 +43,13 @@ def run_sequence(use_kernels: bool, monkeypatch, max_voxels: int, weighting: str
 
 
 @needs_numba
-@pytest.mark.parametrize("max_voxels,weighting", [(100_000, "depth"), (700, "depth"), (100_000, "uniform")])
-def test_kernels_match_torch_path(monkeypatch, max_voxels, weighting):
-    a, sa = run_sequence(True, monkeypatch, max_voxels, weighting)
+@pytest.mark.parametrize("max_voxels,weighting,cam,strides", [
+    (100_000, "depth", CAM, (1, 2)), (700, "depth", CAM, (1, 2)), (100_000, "uniform", CAM, (1, 2)),
+    (100_000, "depth", ODD_CAM, (3, 2, 1))])
+def test_kernels_match_torch_path(monkeypatch, max_voxels, weighting, cam, strides):
+    a, sa = run_sequence(True, monkeypatch, max_voxels, weighting, cam=cam, strides=strides)
     assert fusion_kernels.available(), fusion_kernels._BROKEN
-    b, sb = run_sequence(False, monkeypatch, max_voxels, weighting)
+    b, sb = run_sequence(False, monkeypatch, max_voxels, weighting, cam=cam, strides=strides)
     assert sa == sb
     # Same voxels in the same slots (the kernels sort keys like the torch path), same integer fields.
     for name in ("keys", "counts", "last_seen"):
