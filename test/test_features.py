@@ -145,3 +145,26 @@ def test_features_are_ordinary_tensors(backend):
     assert not f.is_inference()
     f.mul_(1.0)
     assert not backend.encode_text(["a chair"]).is_inference()
+
+
+def test_for_inference_rewrites_keep_outputs():
+    """1x1 convolutions as GEMMs and in-place ReLU6 (conse.for_inference) give the plain module's output, on a
+    channels-last input (the GEMM path) and on a contiguous one (the convolution fallback)."""
+    import copy
+
+    from geopurify_ros.features.conse import Pointwise, for_inference
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU6(), torch.nn.Conv2d(8, 16, 1),
+                              torch.nn.ReLU6(), torch.nn.Conv2d(16, 16, 3, padding=1, groups=16),
+                              torch.nn.Conv2d(16, 4, 1, bias=False), torch.nn.Conv2d(4, 4, 1, stride=2)).eval()
+    fast = for_inference(copy.deepcopy(net))
+    kinds = [type(m).__name__ for m in fast]
+    assert kinds == ["Conv2d", "ReLU6", "Pointwise", "ReLU6", "Conv2d", "Pointwise", "Conv2d"]   # strided 1x1 kept
+    assert all(m.inplace for m in fast if isinstance(m, torch.nn.ReLU6))
+    x = torch.randn(2, 3, 12, 10, generator=g)
+    with torch.inference_mode():
+        for inp in (x.contiguous(memory_format=torch.channels_last), x):
+            ref, got = net(inp.clone()), fast(inp.clone())
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert isinstance(fast[2], Pointwise) and fast[2].conv is not None

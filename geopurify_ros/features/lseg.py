@@ -25,7 +25,8 @@ from torch import nn
 
 from ..device import resolve_device
 from .base import FeatureBackend, check_image, check_texts
-from .conse import MiniLMText, load_efficientnet_lite, network_input_size, normalise_for_lite, shared_text_encoder
+from .conse import (MiniLMText, for_inference, load_efficientnet_lite, network_input_size, normalise_for_lite,
+                    shared_text_encoder)
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "lseg_head.pt"
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
@@ -113,7 +114,7 @@ class LSegBackend(FeatureBackend):
         self.text_templates = tuple(meta.get("templates") or DEFAULT_TEMPLATES)
         self.net = load_efficientnet_lite(meta.get("backbone", "efficientnet-lite0"), pretrained).to(
             self.device, memory_format=torch.channels_last)
-        self.head = head.to(self.device, memory_format=torch.channels_last)
+        self.head = for_inference(head).to(self.device, memory_format=torch.channels_last)
         self._text_device = str(self.device)
         self._lock = threading.Lock()
 
