@@ -1,18 +1,20 @@
 """Fused CPU kernels for ``VoxelMap.fuse_frame`` (numba), used when numba is importable and the map is on the CPU.
 
-The torch path (``voxel_map.py``) groups a frame's points by (voxel, feature cell) with sorts and ~100 tensor ops and
-folds the features block by block; each op is fast, but on one CPU thread the ops' passes over memory and their
-dispatch cost dominate (bench/bench_fusion.py). Here the same arithmetic runs as two single passes:
+The torch path (``voxel_map.py``) back-projects, groups a frame's points by (voxel, feature cell) with sorts and
+folds the features block by block in ~150 tensor ops; each op is fast, but on one CPU thread their passes over
+memory and their dispatch cost dominate (bench/bench_fusion.py). Here the same arithmetic runs in three passes:
 
-* ``group_frame``: points -> sorted unique voxel keys, per-voxel weighted sums (weight, xyz, rgb, count) and per
-  (voxel, cell) pair the four bilinear corner weights, in CSR order by voxel (one hash probe per point; consecutive
-  pixels mostly hit the same voxel and cell, which a one-entry cache catches);
+* ``group_frame``: depth -> world points (``camera.backproject_grid``'s float32 operations, in its order) -> sorted
+  unique voxel keys, per-voxel weighted sums (weight, xyz, rgb, count) and per (voxel, cell) pair the four bilinear
+  corner weights, in CSR order by voxel. Voxels are found through a hash table after trying the previous pixel's
+  and the pixel above's voxel, which answer most points;
+* ``update_existing``: the running-mean update of the voxels already in the map (position, colour, weight, count);
 * ``fold_features``: per voxel, the bilinear feature sum ``sum_pairs sum_corners w * F[cell]`` scaled, blended
   with the stored float16 row and written back as float16 (conversions are LLVM ``fpext``/``fptrunc``, i.e. the
   same IEEE round-to-nearest-even as torch, vectorised with F16C where the CPU has it).
 
-Results equal the torch path up to float32 summation order (tests compare the two). Without numba, on CUDA, or
-when the kernels fail to compile, ``VoxelMap`` uses the torch path.
+Voxel assignment is bit-identical to the torch path; sums differ only in float32 summation order (tests compare
+the two). Without numba, on CUDA, or when a kernel fails to compile, ``VoxelMap`` uses the torch path.
 """
 from __future__ import annotations
 
@@ -82,7 +84,6 @@ if njit is not None:
         last_v = -1
         last_cell = -1
         last_p = -1
-        npts = 0
         for row in range(hs):
             drow = depth[row * stride]
             for col in range(ws):
@@ -95,7 +96,6 @@ if njit is not None:
                 x = ((zv * rot[0, 2] + trans[0]) + xr * rot[0, 0]) + yr * rot[0, 1]
                 y = ((zv * rot[1, 2] + trans[1]) + xr * rot[1, 0]) + yr * rot[1, 1]
                 z = ((zv * rot[2, 2] + trans[2]) + xr * rot[2, 0]) + yr * rot[2, 1]
-                npts += 1
                 qi, qj, qk = np.floor(x / vs), np.floor(y / vs), np.floor(z / vs)
                 if not (qi >= key_min and qi <= key_max and qj >= key_min and qj <= key_max and qk >= key_min
                         and qk <= key_max):
@@ -164,7 +164,7 @@ if njit is not None:
                 vcnt[v] += 1
         for v in range(m):                           # leave the hash table empty for the next frame: O(voxels)
             table[2 * vslot[v]] = -1
-        return m, npair, npts
+        return m, npair
 
     @njit(cache=True, nogil=True)
     def _group_csr(order, npair, vkeys, vsum, vcnt, vhead, pcell, pvox, psum, ukeys, per_vox, cnt, start, cells, cw):
@@ -293,10 +293,10 @@ def group_frame(ws: Workspace, depth, stride: int, min_depth: float, max_depth: 
     cw (P, 4) float32 corner weights). Points outside the key range are dropped, as in ``voxel_coords``."""
     n = ((depth.shape[0] + stride - 1) // stride) * ((depth.shape[1] + stride - 1) // stride)
     ws.ensure(n)
-    m, p, _ = _group_frame(depth, int(stride), float(min_depth), float(max_depth), bool(uniform), rays, rot, trans,
-                           cell_grid, frac_grid, pix_flat, rgb, float(voxel_size), float(key_min), float(key_max),
-                           int(key_offset), int(key_bits), ws.table, ws.vkeys, ws.vslot, ws.vsum, ws.vcnt,
-                           ws.vhead, ws.pcell, ws.pnext, ws.pvox, ws.psum)
+    m, p = _group_frame(depth, int(stride), float(min_depth), float(max_depth), bool(uniform), rays, rot, trans,
+                        cell_grid, frac_grid, pix_flat, rgb, float(voxel_size), float(key_min), float(key_max),
+                        int(key_offset), int(key_bits), ws.table, ws.vkeys, ws.vslot, ws.vsum, ws.vcnt, ws.vhead,
+                        ws.pcell, ws.pnext, ws.pvox, ws.psum)
     order = np.argsort(ws.vkeys[:m])                 # numpy's sort: ~2x numba's on 10k keys
     _group_csr(order, p, ws.vkeys, ws.vsum, ws.vcnt, ws.vhead, ws.pcell, ws.pvox, ws.psum, ws.ukeys, ws.per_vox,
                ws.cnt, ws.start, ws.cells, ws.cw)
