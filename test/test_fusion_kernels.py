@@ -86,3 +86,24 @@ def test_torch_path_without_kernels(monkeypatch):
     """GEOPURIFY_FUSION_KERNELS=0 / no numba: the torch path alone builds the map (what CUDA always uses)."""
     vm, stats = run_sequence(False, monkeypatch, 100_000, "depth")
     assert len(vm) > 0 and all(s[3] > 0 for s in stats)
+
+
+@needs_numba
+@pytest.mark.parametrize("grid", [(1, 1), (1, 7), (5, 1)])
+def test_degenerate_feature_grids_and_empty_frames_match(monkeypatch, grid):
+    """1-cell-wide feature maps (coinciding bilinear corners) and a frame without valid depth, both paths."""
+    rng = np.random.default_rng(5)
+    fmap = torch.randn(*grid, 4, generator=torch.Generator().manual_seed(5))
+    rgb = rng.integers(0, 256, (CAM.height, CAM.width, 3), dtype=np.uint8)
+    depth = (0.8 + 0.3 * rng.random((CAM.height, CAM.width))).astype(np.float32)
+    maps = []
+    for use in (True, False):
+        monkeypatch.setattr(fusion_kernels, "ENABLED", use)
+        vm = VoxelMap(VS, 4)
+        st = vm.fuse_frame(np.full_like(depth, np.nan), fmap, rgb, CAM, look_down_pose(1.0))
+        assert (st.new, st.points) == (0, 0) and len(vm) == 0 and vm.origin is not None
+        vm.fuse_frame(depth, fmap, rgb, CAM, look_down_pose(1.2), stride=2)
+        maps.append(vm)
+    a, b = maps
+    assert torch.equal(a.keys, b.keys) and torch.equal(a.counts, b.counts)
+    np.testing.assert_allclose(a.features_f32().numpy(), b.features_f32().numpy(), atol=2e-3, rtol=2e-3)
