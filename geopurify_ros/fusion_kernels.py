@@ -14,7 +14,8 @@ memory and their dispatch cost dominate (bench/bench_fusion.py). Here the same a
   same IEEE round-to-nearest-even as torch, vectorised with F16C where the CPU has it).
 
 Voxel assignment is bit-identical to the torch path; sums differ only in float32 summation order (tests compare
-the two). Without numba, on CUDA, or when a kernel fails to compile, ``VoxelMap`` uses the torch path.
+the two). Without numba, on CUDA, or when a kernel fails to compile (checked once, in ``available()``, before any
+map is touched), ``VoxelMap`` uses the torch path.
 """
 from __future__ import annotations
 
@@ -35,10 +36,23 @@ except ImportError:  # pragma: no cover - exercised on installs without numba
 # GEOPURIFY_FUSION_KERNELS=0 forces the torch path (A/B benchmarks, debugging).
 ENABLED = njit is not None and os.environ.get("GEOPURIFY_FUSION_KERNELS", "1") != "0"
 _BROKEN: list[str] = []      # reason, once compilation failed (then the torch path is used for the process)
+_READY: list[bool] = []      # every kernel compiled (or loaded from numba's cache) in this process
 
 
 def available() -> bool:
-    return ENABLED and not _BROKEN
+    """numba present, not switched off, and every kernel compiled. The first call compiles them all (~5 s once per
+    machine, then ~0.4 s from numba's cache), so a compiler failure is found before any map is touched, never
+    half-way through a fuse; it is logged once and the torch path is used."""
+    if not ENABLED or _BROKEN:
+        return False
+    if not _READY:
+        try:
+            _compile_all()
+        except Exception as exc:  # noqa: BLE001 - any numba/LLVM failure means "use the torch path"
+            disable(f"{type(exc).__name__}: {exc}")
+            return False
+        _READY.append(True)
+    return True
 
 
 def disable(reason: str) -> None:
@@ -306,7 +320,8 @@ def group_frame(ws: Workspace, depth, stride: int, min_depth: float, max_depth: 
 def fold_features(start, cells, cw, fmap, dx: int, dy: int, scale, a, old, dest, store) -> None:
     """In place on ``store`` (C, D) int16 bits of float16: row dest[v] = half(sum_pairs sum_corners cw*scale[v]*F
     + a[v] * stored row (existing voxels, ``old``)); dest -1 skips the voxel."""
-    _fold_features(start, cells, cw, fmap, int(dx), int(dy), scale, a, old, dest, store)
+    c = np.ascontiguousarray
+    _fold_features(start, cells, cw, fmap, int(dx), int(dy), c(scale), c(a), c(old), c(dest), store)
 
 
 def update_existing(slots, wsum, xsum, csum, cnt, stamp: float, weights, xyz, colors, counts, last_seen, dirty):
@@ -314,11 +329,30 @@ def update_existing(slots, wsum, xsum, csum, cnt, stamp: float, weights, xyz, co
     pass; returns (w1, scale, a) (M,) float32: new weight sums, 1/w1 and the old-mean factor w0/w1 (0 for new)."""
     m = slots.shape[0]
     w1, scale, a = np.empty(m, np.float32), np.empty(m, np.float32), np.empty(m, np.float32)
-    _update_existing(slots, wsum, xsum, csum, cnt, float(stamp), weights, xyz, colors, counts, last_seen, dirty, w1,
-                     scale, a)
+    c = np.ascontiguousarray          # the per-voxel sums may be column views: (M, 7) -> one copy of M x 7 floats
+    _update_existing(c(slots), c(wsum), c(xsum), c(csum), c(cnt), float(stamp), weights, xyz, colors, counts,
+                     last_seen, dirty, w1, scale, a)
     return w1, scale, a
 
 
 def all_finite(a: np.ndarray) -> bool:
     """True when no element of the float32 array is NaN or +-inf (one vectorised pass, ~2x torch's aminmax)."""
     return bool(_all_finite(a.reshape(-1)))
+
+
+def _compile_all() -> None:
+    """Run every kernel once on a one-voxel frame, with the dtypes and (contiguous) layouts of the real calls."""
+    ws = Workspace()
+    f32 = np.float32
+    ukeys, per_vox, cnt, start, cells, cw = group_frame(
+        ws, np.ones((2, 2), f32), 1, 0.1, 8.0, False, np.zeros((4, 2), f32), np.eye(3, dtype=f32), np.zeros(3, f32),
+        np.zeros(4, np.int64), np.zeros((4, 2), f32), np.arange(4, dtype=np.int64), np.zeros((4, 3), np.uint8),
+        0.05, -(1 << 20), (1 << 20) - 1, 1 << 20, 21)
+    m = ukeys.shape[0]
+    weights, xyz, colors = np.ones(m, f32), np.zeros((m, 3), f32), np.zeros((m, 3), np.uint8)
+    w1, scale, a = update_existing(np.arange(m, dtype=np.int64), per_vox[:, 0], per_vox[:, 1:4], per_vox[:, 4:7], cnt,
+                                   0.0, weights, xyz, colors, np.zeros(m, np.int32), np.zeros(m, np.float64),
+                                   np.zeros(m, np.bool_))
+    fold_features(start, cells, cw, np.zeros((1, 2), f32), 0, 0, scale, a, np.ones(m, np.bool_),
+                  np.arange(m, dtype=np.int64), np.zeros((m, 2), np.int16))
+    all_finite(np.zeros(4, f32))

@@ -499,11 +499,8 @@ class VoxelMap:
         T = validate_pose(T_world_cam)
         if dev.type == "cpu" and fusion_kernels.available():
             check_grid_args(stride, min_depth, max_depth)
-            try:
-                return self._fuse_frame_kernels(depth, feature_map, rgb, cam, T, stamp, int(stride), min_depth,
-                                                max_depth, weighting)
-            except Exception as exc:  # a numba/LLVM failure must not stop mapping: the torch path is exact too
-                fusion_kernels.disable(f"{type(exc).__name__}: {exc}")
+            return self._fuse_frame_kernels(depth, feature_map, rgb, cam, T, stamp, int(stride), min_depth, max_depth,
+                                            weighting)
         points, gidx, z = backproject_grid(depth, cam, T, stride, min_depth, max_depth)
         w = (1.0 / (z * z)) if weighting == "depth" else torch.ones_like(z)
         q = torch.floor(points / self.voxel_size)
@@ -569,14 +566,9 @@ class VoxelMap:
 
     def warm_up(self) -> None:
         """Load (or, the first time on a machine, compile: ~5 s) the fused CPU kernels now instead of in the first
-        frame. No-op on CUDA or without numba; the map is left unchanged."""
-        if self.device.type != "cpu" or not fusion_kernels.available():
-            return
-        cam = CameraModel(8, 6, 8.0, 8.0, 3.5, 2.5)
-        probe = VoxelMap(self.voxel_size, 1, max_voxels=8, device="cpu")
-        for _ in range(2):                                   # new voxels, then existing ones
-            probe.fuse_frame(np.ones((6, 8), np.float32), torch.zeros(2, 2, 1), np.zeros((6, 8, 3), np.uint8), cam,
-                             np.eye(4))
+        frame. No-op on CUDA; once per process (``fusion_kernels.available``)."""
+        if self.device.type == "cpu":
+            fusion_kernels.available()
 
     def _workspace(self) -> "fusion_kernels.Workspace":
         if self._kernel_ws is None:

@@ -68,13 +68,15 @@ def test_kernels_match_torch_path(monkeypatch, max_voxels, weighting, cam, strid
 
 @needs_numba
 def test_kernel_failure_falls_back_to_torch_path_once(monkeypatch, caplog):
+    """A compiler failure is found when availability is first asked (before any map is touched), logged once."""
     monkeypatch.setattr(fusion_kernels, "_BROKEN", [])
+    monkeypatch.setattr(fusion_kernels, "_READY", [])
     ref, _ = run_sequence(False, monkeypatch, 100_000, "depth")
 
     def broken(*args, **kwargs):
         raise RuntimeError("LLVM says no")
 
-    monkeypatch.setattr(fusion_kernels, "group_frame", broken)
+    monkeypatch.setattr(fusion_kernels, "_compile_all", broken)
     with caplog.at_level("WARNING"):
         got, _ = run_sequence(True, monkeypatch, 100_000, "depth")
     assert not fusion_kernels.available() and "LLVM says no" in fusion_kernels._BROKEN[0]
