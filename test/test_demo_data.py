@@ -203,3 +203,14 @@ def test_catalog_parsing_real_sizes_and_class_map():
              "Bedside table": "otherfurniture", "Coffee table": "table", "Desk": "desk", "Desk lamp": None,
              "Double-hung window": "window", "Exterior door": "door", "Bed": "bed", "Cupboard": "cabinet"}
     assert {n: class_of_item(n) for n in cases} == cases
+
+
+def test_opening_wider_than_its_wall_is_centred():
+    from geopurify_ros.data.scene import _along_wall, build_scene
+
+    rng = np.random.default_rng(0)
+    assert all(1.0 <= _along_wall(rng, 4.0, 1.2, 0.4) <= 3.0 for _ in range(50))
+    assert _along_wall(rng, 2.0, 1.6, 0.4) == 1.0          # does not fit with its margins: centred, no crash
+    # training room 1312 draws a window wider than its wall allows (raised ValueError before)
+    scene = build_scene(1312, "train")
+    assert any(i.class_name == "window" for i in scene.instances)

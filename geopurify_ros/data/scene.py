@@ -211,6 +211,13 @@ def _overlaps(a, b, margin=0.05) -> bool:
     return not (a[2] + margin <= b[0] or b[2] + margin <= a[0] or a[3] + margin <= b[1] or b[3] + margin <= a[1])
 
 
+def _along_wall(rng, L: float, width: float, margin: float) -> float:
+    """Centre of an opening of `width` on a wall of length L, `margin` from both corners; centred when the
+    opening does not fit with its margins (a wide window on a short wall in randomised rooms)."""
+    lo, hi = margin + width / 2, L - margin - width / 2
+    return float(rng.uniform(lo, hi)) if hi >= lo else L / 2
+
+
 def build_scene(seed: int = 0, preset: str | SceneSpec = "tiny", library_dir: str | None = None,
                 models: str | None = None) -> Scene:
     """Build the seeded room for ``preset`` ('tiny' | 'demo' | 'train' or a SceneSpec).
@@ -267,7 +274,7 @@ def build_scene(seed: int = 0, preset: str | SceneSpec = "tiny", library_dir: st
     walls = rng.permutation(4)
     door, door_parts = pick("door")
     k = int(walls[0]); L = _wall_frame(k, W, D)[4]
-    a = float(rng.uniform(0.3 + door.width / 2, L - 0.3 - door.width / 2))
+    a = _along_wall(rng, L, door.width, 0.3)
     yaw, xy = wall_point(k, a, 0.0)
     b.add_item(door, "door", yaw, (xy[0], xy[1], 0.0), door_parts)
     wall_spans[k].append((a - door.width / 2, a + door.width / 2, 0.0, 2.2))
@@ -276,7 +283,7 @@ def build_scene(seed: int = 0, preset: str | SceneSpec = "tiny", library_dir: st
 
     win, win_parts = pick("window")
     kw = int(walls[1]); L = _wall_frame(kw, W, D)[4]
-    a = float(rng.uniform(0.4 + win.width / 2, L - 0.4 - win.width / 2))
+    a = _along_wall(rng, L, win.width, 0.4)
     sill = float(min(0.9, H - 0.25 - win.height))
     yaw, xy = wall_point(kw, a, 0.0)
     b.add_item(win, "window", yaw, (xy[0], xy[1], sill), win_parts)
