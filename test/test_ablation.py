@@ -57,3 +57,27 @@ def test_training_seeds_exclude_evaluation_and_reserved_ranges():
         with pytest.raises(ValueError, match="seed"):
             check_training_seed(bad)
     assert check_training_seed(1000) == 1000
+
+
+def test_fused_map_cache_key_follows_weights_and_fusion_config():
+    """A retrained head or another fusion setting must never be served a map fused before the change."""
+    from types import SimpleNamespace
+
+    from geopurify_ros.config import PipelineConfig
+    from geopurify_ros.eval.ablation import fused_map_path, fusion_fingerprint
+
+    backend = SimpleNamespace(name="fake", dim=4, head=torch.nn.Linear(4, 4))
+
+    def key(params=None, **cfg):
+        return fusion_fingerprint(SimpleNamespace(backend=backend, config=PipelineConfig(device="cpu", **cfg)),
+                                  params or {})
+
+    k = key()
+    assert key() == k and key(class_names=["a", "b"]) == k          # labels do not change the fused features
+    assert key(voxel_size=0.04) != k
+    assert key({"keyframe_min_translation_m": 0.3}) != k
+    with torch.no_grad():
+        backend.head.weight[0, 0] += 1e-3
+    assert key() != k
+    pipe = SimpleNamespace(backend=backend, config=PipelineConfig(device="cpu"))
+    assert fused_map_path(pipe, {}, 3).name == f"fake_4_demo_3_{key()}.pt"

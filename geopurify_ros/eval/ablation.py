@@ -2,7 +2,8 @@
 
 Each recording (`geopurify-make-demo --size demo --seed S`, cached) is fused once with the configured feature
 backend exactly as `geopurify-eval --mode offline` does (BagSource pairing/poses, the node's keyframe gate);
-the fused VoxelMap is cached (`$GEOPURIFY_CACHE/fused/<backend>_<D>_demo_<S>.pt`) and every variant below
+the fused VoxelMap is cached (`$GEOPURIFY_CACHE/fused/<backend>_<D>_demo_<S>_<hash>.pt`, the hash covering the
+backend's weights, the pipeline config and the keyframe gate) and every variant below
 re-labels that same map:
 
   raw                    fused features as they are
@@ -31,8 +32,28 @@ from ..cache import cache_dir
 from . import EvalError
 
 
-def fused_map_path(backend: str, dim: int, seed: int, size: str = "demo") -> Path:
-    return cache_dir("fused", f"{backend}_{dim}_{size}_{seed}.pt")
+def fusion_fingerprint(pipe, params: dict) -> str:
+    """Short hash of everything a fused map depends on besides the recording: the feature backend's weights
+    (so a retrained head is never served a map fused with the old one), the pipeline's effective config and
+    the keyframe gate."""
+    import hashlib
+
+    from ..features.base import cache_key
+
+    weights = hashlib.sha256()
+    for attr, module in sorted(vars(pipe.backend).items(), key=lambda kv: kv[0]):
+        if isinstance(module, torch.nn.Module):
+            for name, t in module.state_dict().items():      # shape + two sums per tensor: cheap and specific
+                t = t.detach().double()
+                weights.update(f"{attr}.{name}{tuple(t.shape)}{t.sum().item():.9e}{t.abs().sum().item():.9e}".encode())
+    cfg = {k: v for k, v in dataclasses.asdict(pipe.config).items() if k != "class_names"}
+    gate = {k: v for k, v in params.items() if k.startswith("keyframe_")}
+    return cache_key(pipe.backend.name, pipe.backend.dim, weights.hexdigest(), cfg, gate)[:12]
+
+
+def fused_map_path(pipe, params: dict, seed: int, size: str = "demo") -> Path:
+    """Cache file of demo recording `seed` fused by `pipe` (backend, weights and config in the name's hash)."""
+    return cache_dir("fused", f"{pipe.backend.name}_{pipe.backend.dim}_{size}_{seed}_{fusion_fingerprint(pipe, params)}.pt")
 
 
 def fuse_recording(recording: Path, pipe, params: dict):
@@ -68,7 +89,7 @@ def load_or_fuse(seed: int, pipe, params: dict, size: str = "demo"):
     """Cached fused VoxelMap of demo recording `seed` for `pipe`'s backend."""
     from ..voxel_map import VoxelMap
 
-    path = fused_map_path(pipe.backend.name, pipe.backend.dim, seed, size)
+    path = fused_map_path(pipe, params, seed, size)
     if path.is_file():
         return VoxelMap.load(path)
     d = demo_dir(seed, size)

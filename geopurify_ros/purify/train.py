@@ -324,7 +324,7 @@ def fuse_recordings(cfg: TrainConfig, out: Path) -> list[tuple[object, str]]:
     """Fuse every --data recording with the configured feature backend (what the node would map; cached in
     <out>/fused/); returns [(VoxelMap, description)]. Labels are never read."""
     from ..config import PipelineConfig, load_ros_params
-    from ..eval.ablation import fuse_recording, fused_map_path
+    from ..eval.ablation import fuse_recording, fused_map_path, fusion_fingerprint
     from ..pipeline import MappingPipeline
     from ..voxel_map import VoxelMap
     from .student import ConstantEmbedding
@@ -338,11 +338,12 @@ def fuse_recordings(cfg: TrainConfig, out: Path) -> list[tuple[object, str]]:
     pipe = MappingPipeline(PipelineConfig.from_dict(params), student=ConstantEmbedding())
     maps = []
     for k, d in enumerate(cfg.data):
-        path = out / "fused" / f"{pipe.backend.name}_{pipe.backend.dim}_{k}_{Path(d).name}.pt"
         meta = Path(d) / "meta.json"
-        if meta.is_file() and not cfg.feature_model and not cfg.feature_pretrained:   # a demo recording: the
-            m = json.loads(meta.read_text())                                          # ablation tool's cache
-            path = fused_map_path(pipe.backend.name, pipe.backend.dim, int(m["seed"]), m["size"])
+        if meta.is_file():                                   # a demo recording: the ablation tool's cache
+            m = json.loads(meta.read_text())
+            path = fused_map_path(pipe, params, int(m["seed"]), m["size"])
+        else:
+            path = out / "fused" / f"{pipe.backend.name}_{k}_{Path(d).name}_{fusion_fingerprint(pipe, params)}.pt"
         if not path.is_file():
             pipe.reset()
             path.parent.mkdir(parents=True, exist_ok=True)
