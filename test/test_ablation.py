@@ -81,3 +81,8 @@ def test_fused_map_cache_key_follows_weights_and_fusion_config():
     assert key() != k
     pipe = SimpleNamespace(backend=backend, config=PipelineConfig(device="cpu"))
     assert fused_map_path(pipe, {}, 3).name == f"fake_4_demo_3_{key()}.pt"
+
+
+def test_paper_scale_variant_keeps_the_gates(vmap):
+    v = default_variants(3)[-2]
+    assert v.overrides == {"iterations": 18, "radius": 2} and v.gates and v.student == "student"

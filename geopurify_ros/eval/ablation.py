@@ -11,6 +11,7 @@ re-labels that same map:
   constant + gates       GGP with constant embeddings (affinity 1 everywhere), colour/normal/depth gates
   student, no gates      GGP with the student's affinities only
   student + gates        the default `pooled` mode
+  ... at paper scale     the same with the paper's neighbourhood and iteration count (the offline quality setting)
   paper-like             student affinities, no gates, no threshold, paper-scale neighbourhood and iterations
 
 Reported per seed and as means (demo seed 0 and evaluation seeds 1-9), per class, with deltas to raw.
@@ -118,6 +119,8 @@ def default_variants(iterations: int, paper: dict | None = None) -> list[Variant
         Variant("constant affinities + gates", "ggp", student="constant"),
         Variant("student, no gates", "ggp", gates=False),
         Variant("student + gates (default)", "ggp"),
+        Variant(f"student + gates at paper scale (radius {paper['radius']}, {paper['iterations']} it.)", "ggp",
+                overrides={"iterations": paper["iterations"], "radius": paper["radius"]}),
         Variant(f"paper-like (radius {paper['radius']}, {paper['iterations']} it., T {paper['temperature']}, no gates)",
                 "ggp", gates=False, overrides=dict(paper)),
     ]
