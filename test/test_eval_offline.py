@@ -92,7 +92,8 @@ def test_offline_cli_writes_report(offline_run):
     # --ablation: the variants re-label the same fused map; "raw" and the default agree with the modes
     abl = doc["results"]["ablation"]
     assert list(abl)[:5] == ["raw", "uniform smoothing", "constant affinities + gates", "student, no gates",
-                             "student + gates (default)"] and list(abl)[5].startswith("paper-like")
+                             "student + gates (default)"] and list(abl)[5].startswith("student + gates at paper scale")
+    assert list(abl)[6].startswith("paper-like")
     assert abl["raw"]["miou"] == res["raw"]["miou"]
     assert abl["student + gates (default)"]["miou"] == pytest.approx(res["pooled"]["miou"], abs=1e-6)
     assert "| ablation | uniform smoothing |" in md
