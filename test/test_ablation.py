@@ -86,3 +86,17 @@ def test_fused_map_cache_key_follows_weights_and_fusion_config():
 def test_paper_scale_variant_keeps_the_gates(vmap):
     v = default_variants(3)[-2]
     assert v.overrides == {"iterations": 18, "radius": 2} and v.gates and v.student == "student"
+
+
+def test_scale_sweep_grid_and_cli_refuses_evaluation_seeds(capsys):
+    from geopurify_ros.eval.ablation import main, scale_sweep_variants
+
+    v = {x.name: x for x in scale_sweep_variants()}
+    assert v["raw"].kind == "raw" and len(v) == len(scale_sweep_variants())          # names are unique
+    assert v["student + gates it=18 r=2"].overrides == {"iterations": 18, "radius": 2} and v["student + gates it=18 r=2"].gates
+    assert not v["student, no gates it=10 r=2"].gates
+    assert v["constant + gates it=10 r=2"].student == "constant"
+    assert v["student + normal/depth gates it=3 r=2"].overrides["color_gate"] is False
+    assert v["uniform it=6 r=1"].kind == "uniform"
+    assert main(["--sweep", "scale", "--seeds", "0-1", "--out", "/nonexistent/x"]) == 2
+    assert "seed" in capsys.readouterr().err

@@ -126,6 +126,29 @@ def default_variants(iterations: int, paper: dict | None = None) -> list[Variant
     ]
 
 
+def scale_sweep_variants() -> list[Variant]:
+    """Neighbourhood × iterations grid with and without the gates (docs/GEOPURIFY.md, operating points)."""
+    out = [Variant("raw", "raw")]
+    grid = {"uniform": [(it, 1) for it in (3, 6, 10)],
+            "student, no gates": [(it, r) for r in (1, 2) for it in (3, 6, 10)],
+            "student + gates": [(it, 1) for it in (3, 6, 10)] + [(it, 2) for it in (3, 6, 10, 18)]
+            + [(it, 3) for it in (6, 10, 18)],
+            "student + normal/depth gates": [(it, 2) for it in (3, 6, 10)],
+            "constant + gates": [(it, 2) for it in (3, 6, 10, 18)]}
+    for name, points in grid.items():
+        for it, r in points:
+            o = {"iterations": it, "radius": r}
+            label = f"{name} it={it} r={r}"
+            if name == "uniform":
+                out.append(Variant(label, "uniform", overrides=o))
+            elif name == "student + normal/depth gates":
+                out.append(Variant(label, "ggp", overrides={**o, "color_gate": False}))
+            else:
+                out.append(Variant(label, "ggp", student="constant" if name.startswith("constant") else "student",
+                                   gates="no gates" not in name, overrides=o))
+    return out
+
+
 def sweep_variants(iterations=(3, 10), temperatures=(0.1, 0.3), thresholds=(0.5, -1.0)) -> list[Variant]:
     """Operating-point grid for choosing the pooling defaults (run on training seeds >= 1000 only)."""
     out = [Variant("raw", "raw")]
@@ -197,7 +220,7 @@ def markdown(results: dict, class_names: list[str], seeds: list[int]) -> str:
 
 
 def run_ablation(seeds: list[int], params_path: str | None, labels_path: str, out: Path,
-                 student_checkpoint: str | None = None, progress: bool = True, sweep: bool = False) -> dict:
+                 student_checkpoint: str | None = None, progress: bool = True, sweep: bool | str = False) -> dict:
     from .. import config as cfgmod
     from ..pipeline import MappingPipeline
     from .cli import cloud_xyz_labels, load_gt
@@ -216,7 +239,10 @@ def run_ablation(seeds: list[int], params_path: str | None, labels_path: str, ou
         from ..purify.rooms import check_training_seed
         for s in seeds:
             check_training_seed(s)
-    variants = sweep_variants() if sweep else default_variants(config.iterations)
+        grids = {"temperature": sweep_variants, "scale": scale_sweep_variants}
+        variants = grids["temperature" if sweep is True else sweep]()     # True = the original grid
+    else:
+        variants = default_variants(config.iterations)
     radius = 1.5 * pcfg.voxel_size
     results: dict = {}
     t0 = time.time()
@@ -261,8 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--labels", default="config/labels.yaml")
     ap.add_argument("--student-checkpoint", default=None)
     ap.add_argument("--out", default="build/ablation")
-    ap.add_argument("--sweep", action="store_true",
-                    help="score a grid of pooling operating points instead (tuning: seeds >= 1000 only)")
+    ap.add_argument("--sweep", nargs="?", const="temperature", default=None, choices=("temperature", "scale"),
+                    help="score a grid of pooling operating points instead (tuning: seeds >= 1000 only): "
+                         "'temperature' (default: iterations x temperature x threshold x gates) or 'scale' "
+                         "(neighbourhood radius x iterations, with and without gates)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     try:
