@@ -98,7 +98,9 @@ def wait_counts(client, proc, want: dict, timeout=240):
 
 def play(client, clock, proc, frames, stamps=None):
     """Send frames at the current sim time (0.5 s apart), wait until all are fused; returns their stamps."""
-    fused0 = counter(client, "frames_fused")
+    # A diagnostics message published after now: the cached latest one can predate a fuse still finishing
+    # from the previous test, and a count one short lets the wait below return one frame early.
+    fused0 = int(client.fresh_diag()["frames_fused"])
     if stamps is None:
         stamps = [clock.ns + i * 500_000_000 for i in range(len(frames))]
     for f, s in zip(frames, stamps):
@@ -106,6 +108,7 @@ def play(client, clock, proc, frames, stamps=None):
             client.spin_until(lambda: False, 0.05)
         send(client, f, s)
     wait_counts(client, proc, {"frames_fused": fused0 + len(frames)})
+    wait_cloud_with_stamp(client, proc, stamps[-1])  # the last frame is fused and published, nothing in flight
     return stamps
 
 
