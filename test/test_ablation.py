@@ -80,7 +80,7 @@ def test_fused_map_cache_key_follows_weights_and_fusion_config():
         backend.head.weight[0, 0] += 1e-3
     assert key() != k
     pipe = SimpleNamespace(backend=backend, config=PipelineConfig(device="cpu"))
-    assert fused_map_path(pipe, {}, 3).name == f"fake_4_demo_3_{key()}.pt"
+    assert fused_map_path(pipe.backend, fusion_fingerprint(pipe, {}), 3).name == f"fake_4_demo_3_{key()}.pt"
 
 
 def test_paper_scale_variant_keeps_the_gates(vmap):

@@ -52,9 +52,10 @@ def fusion_fingerprint(pipe, params: dict) -> str:
     return cache_key(pipe.backend.name, pipe.backend.dim, weights.hexdigest(), cfg, gate)[:12]
 
 
-def fused_map_path(pipe, params: dict, seed: int, size: str = "demo") -> Path:
-    """Cache file of demo recording `seed` fused by `pipe` (backend, weights and config in the name's hash)."""
-    return cache_dir("fused", f"{pipe.backend.name}_{pipe.backend.dim}_{size}_{seed}_{fusion_fingerprint(pipe, params)}.pt")
+def fused_map_path(backend, fingerprint: str, seed: int, size: str = "demo") -> Path:
+    """Cache file of demo recording `seed` fused with `backend`; `fingerprint` = `fusion_fingerprint` of the pipeline
+    (computed once per run by the callers: it hashes every weight of the backend)."""
+    return cache_dir("fused", f"{backend.name}_{backend.dim}_{size}_{seed}_{fingerprint}.pt")
 
 
 def fuse_recording(recording: Path, pipe, params: dict):
@@ -86,11 +87,11 @@ def demo_dir(seed: int, size: str = "demo") -> Path:
     return out
 
 
-def load_or_fuse(seed: int, pipe, params: dict, size: str = "demo"):
-    """Cached fused VoxelMap of demo recording `seed` for `pipe`'s backend."""
+def load_or_fuse(seed: int, pipe, params: dict, fingerprint: str, size: str = "demo"):
+    """Cached fused VoxelMap of demo recording `seed` for `pipe` (`fingerprint` = its `fusion_fingerprint`)."""
     from ..voxel_map import VoxelMap
 
-    path = fused_map_path(pipe, params, seed, size)
+    path = fused_map_path(pipe.backend, fingerprint, seed, size)
     if path.is_file():
         return VoxelMap.load(path)
     d = demo_dir(seed, size)
@@ -128,25 +129,17 @@ def default_variants(iterations: int, paper: dict | None = None) -> list[Variant
 
 def scale_sweep_variants() -> list[Variant]:
     """Neighbourhood × iterations grid with and without the gates (docs/GEOPURIFY.md, operating points)."""
-    out = [Variant("raw", "raw")]
-    grid = {"uniform": [(it, 1) for it in (3, 6, 10)],
-            "student, no gates": [(it, r) for r in (1, 2) for it in (3, 6, 10)],
-            "student + gates": [(it, 1) for it in (3, 6, 10)] + [(it, 2) for it in (3, 6, 10, 18)]
-            + [(it, 3) for it in (6, 10, 18)],
-            "student + normal/depth gates": [(it, 2) for it in (3, 6, 10)],
-            "constant + gates": [(it, 2) for it in (3, 6, 10, 18)]}
-    for name, points in grid.items():
-        for it, r in points:
-            o = {"iterations": it, "radius": r}
-            label = f"{name} it={it} r={r}"
-            if name == "uniform":
-                out.append(Variant(label, "uniform", overrides=o))
-            elif name == "student + normal/depth gates":
-                out.append(Variant(label, "ggp", overrides={**o, "color_gate": False}))
-            else:
-                out.append(Variant(label, "ggp", student="constant" if name.startswith("constant") else "student",
-                                   gates="no gates" not in name, overrides=o))
-    return out
+    r1, r2 = [(it, 1) for it in (3, 6, 10)], [(it, 2) for it in (3, 6, 10)]
+    rows = [  # (label, kind, student, gates, extra PurifyConfig overrides, (iterations, radius) points)
+        ("uniform", "uniform", "student", True, {}, r1),
+        ("student, no gates", "ggp", "student", False, {}, r1 + r2),
+        ("student + gates", "ggp", "student", True, {}, r1 + r2 + [(18, 2), (6, 3), (10, 3), (18, 3)]),
+        ("student + normal/depth gates", "ggp", "student", True, {"color_gate": False}, r2),
+        ("constant + gates", "ggp", "constant", True, {}, r2 + [(18, 2)]),
+    ]
+    return [Variant("raw", "raw")] + [
+        Variant(f"{label} it={it} r={r}", kind, student, gates, {"iterations": it, "radius": r, **extra})
+        for label, kind, student, gates, extra, points in rows for it, r in points]
 
 
 def sweep_variants(iterations=(3, 10), temperatures=(0.1, 0.3), thresholds=(0.5, -1.0)) -> list[Variant]:
@@ -244,10 +237,11 @@ def run_ablation(seeds: list[int], params_path: str | None, labels_path: str, ou
     else:
         variants = default_variants(config.iterations)
     radius = 1.5 * pcfg.voxel_size
+    fingerprint = fusion_fingerprint(pipe, params)
     results: dict = {}
     t0 = time.time()
     for s in seeds:
-        pipe.voxel_map = load_or_fuse(s, pipe, params)
+        pipe.voxel_map = load_or_fuse(s, pipe, params, fingerprint)
         gt_xyz, gt_labels = load_gt(str(demo_dir(s) / "ground_truth.npz"), class_names, ignore)
         t = time.perf_counter()
         clouds = ablation_clouds(pipe, variants)

@@ -336,14 +336,15 @@ def fuse_recordings(cfg: TrainConfig, out: Path) -> list[tuple[object, str]]:
     if cfg.feature_pretrained:
         params["feature_pretrained"] = cfg.feature_pretrained
     pipe = MappingPipeline(PipelineConfig.from_dict(params), student=ConstantEmbedding())
+    fingerprint = fusion_fingerprint(pipe, params)
     maps = []
     for k, d in enumerate(cfg.data):
         meta = Path(d) / "meta.json"
         if meta.is_file():                                   # a demo recording: the ablation tool's cache
             m = json.loads(meta.read_text())
-            path = fused_map_path(pipe, params, int(m["seed"]), m["size"])
+            path = fused_map_path(pipe.backend, fingerprint, int(m["seed"]), m["size"])
         else:
-            path = out / "fused" / f"{pipe.backend.name}_{k}_{Path(d).name}_{fusion_fingerprint(pipe, params)}.pt"
+            path = out / "fused" / f"{pipe.backend.name}_{k}_{Path(d).name}_{fingerprint}.pt"
         if not path.is_file():
             pipe.reset()
             path.parent.mkdir(parents=True, exist_ok=True)
