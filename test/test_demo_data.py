@@ -214,3 +214,25 @@ def test_opening_wider_than_its_wall_is_centred():
     # training room 1312 draws a window wider than its wall allows (raised ValueError before)
     scene = build_scene(1312, "train")
     assert any(i.class_name == "window" for i in scene.instances)
+
+
+def test_training_rooms_vary_the_curtain_and_evaluation_rooms_never_see_the_training_only_fabric():
+    """`train` rooms draw their curtain from (curtain, shower_curtain); the shower curtain is a training-only
+    model (one model: nothing held out), and the roles listed before it keep their seeded split."""
+    from geopurify_ros.data.catalog import ROLES, split_models
+    from geopurify_ros.data.scene import build_scene
+
+    assert list(ROLES)[-1] == "shower_curtain"          # appended last: earlier roles' split draws unchanged
+    split = split_models()
+    assert [i.name for i in split["shower_curtain"]["train"]] == ["Shower curtain"]
+    assert not split["shower_curtain"]["heldout"]
+    assert [i.name for i in split["curtain"]["heldout"]] == ["Curtain"]
+
+    def curtains(seed, preset, models=None):
+        return [i.name for i in build_scene(seed, preset, models=models).instances
+                if i.class_name in ("curtain", "shower curtain")]
+
+    seen = {n for s in range(1000, 1002) for n in curtains(s, "train")}
+    assert seen == {"Window blind", "Shower curtain"}
+    assert curtains(3, "demo") == ["Curtain"]
+    assert curtains(3, "train") == ["Curtain"]           # evaluation seeds: held-out models, no training-only fabric

@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from .catalog import ROLES, default_split, pool
+from .catalog import ROLES, default_split, pool, split_models
 from .classes import IGNORE_LABEL, class_id, class_names
 from .furniture import CatalogItem, MeshPart, load_item_parts
 from .render import TriangleSoup
@@ -23,6 +23,7 @@ class SceneSpec:
     wall_roles: tuple = ("bed", "sofa", "cabinet", "bookshelf", "desk", "nightstand")  # placed in order
     chairs: int = 3                             # around the central table
     curtain: bool = True
+    curtain_roles: tuple = ("curtain",)         # one drawn per room (a draw only when there is a choice)
     clutter: int = 0                            # lamps, plants, books, ... (no ground-truth class)
     randomize: bool = False                     # domain randomisation: wall/floor colours, texture swaps
     posters: tuple = ("astronaut", "coffee", "chelsea", "rocket")   # scikit-image pictures on the wall
@@ -34,6 +35,7 @@ PRESETS = {
     # training rooms: sizes, contents and materials vary; pictures other than the evaluation ones
     "train": SceneSpec(room=((3.6, 7.0), (3.2, 6.0)), wall_roles=("bed", "sofa", "cabinet", "bookshelf", "desk",
                        "nightstand", "sofa", "cabinet"), chairs=4, clutter=6, randomize=True,
+                       curtain_roles=("curtain", "shower_curtain"),
                        posters=("camera", "horse", "moon", "page", "hubble_deep_field", "immunohistochemistry",
                                 "retina", "brick", "grass", "gravel", "cell", "logo")),
 }
@@ -289,11 +291,15 @@ def build_scene(seed: int = 0, preset: str | SceneSpec = "tiny", library_dir: st
     b.add_item(win, "window", yaw, (xy[0], xy[1], sill), win_parts)
     wall_spans[kw].append((a - win.width / 2, a + win.width / 2, sill, sill + win.height))
     if cfg.curtain:
-        cur, cur_parts = pick("curtain")
+        roles = [r for r in cfg.curtain_roles if split_models(library_dir)[r][split]]
+        if not roles:
+            raise ValueError(f"no '{split}' catalogue models for the curtain roles {cfg.curtain_roles}")
+        role = roles[int(rng.integers(len(roles)))] if len(cfg.curtain_roles) > 1 else roles[0]
+        cur, cur_parts = pick(role)
         side = 1 if a + win.width / 2 + cur.width * 0.4 < L - 0.1 else -1
         ac = a + side * (win.width / 2 + cur.width * 0.3)
         yaw, xy = wall_point(kw, ac, WALL_CLEARANCE + cur.depth / 2 + 0.09)
-        b.add_item(cur, "curtain", yaw, (xy[0], xy[1], 0.02), cur_parts)
+        b.add_item(cur, role, yaw, (xy[0], xy[1], 0.02), cur_parts)
         wall_spans[kw].append((ac - cur.width / 2, ac + cur.width / 2, 0.0, H))
         footprints.append(_footprint(xy[0], xy[1], cur.width, cur.depth + 0.15, yaw))
 
