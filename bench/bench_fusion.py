@@ -1,7 +1,8 @@
-"""Benchmark VoxelMap.fuse_frame: ms per 640x480 frame (stride 1/2/4, 384-d features at 1/8 res) and bytes/voxel.
+"""Benchmark VoxelMap.fuse_frame: ms per 640x480 frame (stride 1/2/4, D-d features at 1/8 res) and bytes/voxel.
 
 Prints plain numbers and ratios to the targets (<= 15 ms/frame on CPU at stride 2; <= 1 KiB/voxel). No asserts.
-Usage: python bench/bench_fusion.py [--frames 20] [--threads N] [--voxels 200000]
+D defaults to that of the default backend (lseg: 129, its output subspace); `--dim 384` = lseg's full features.
+Usage: python bench/bench_fusion.py [--frames 20] [--threads N] [--voxels 200000] [--dim D]
 """
 from __future__ import annotations
 
@@ -14,29 +15,30 @@ import numpy as np
 import torch
 
 from geopurify_ros.camera import CameraModel, pose_to_matrix
+from geopurify_ros.features.lseg import feature_basis
 from geopurify_ros.voxel_map import VoxelMap
 
 TARGET_MS = 15.0
 TARGET_BYTES = 1024
-H, W, D, DOWN = 480, 640, 384, 8
+H, W, DOWN = 480, 640, 8
 
 
-def synthetic_frame(rng: np.random.Generator):
-    """Room-like depth (1-4 m, smooth undulations, 2% holes), random colour, L2-normalised feature map."""
+def synthetic_frame(rng: np.random.Generator, dim: int):
+    """Room-like depth (1-4 m, smooth undulations, 2% holes), random colour, L2-normalised dim-d feature map."""
     r, c = np.mgrid[0:H, 0:W].astype(np.float32)
     depth = 2.5 + 0.8 * np.sin(c / 90.0) + 0.5 * np.cos(r / 70.0) + 0.2 * np.sin((r + c) / 23.0)
     depth[rng.random((H, W)) < 0.02] = np.nan
     rgb = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
-    fmap = torch.nn.functional.normalize(torch.randn(H // DOWN, W // DOWN, D), dim=-1)
+    fmap = torch.nn.functional.normalize(torch.randn(H // DOWN, W // DOWN, dim), dim=-1)
     return depth.astype(np.float32), rgb, fmap
 
 
-def time_fusion(device: str, stride: int, frames: int) -> tuple[float, float, float, int]:
+def time_fusion(device: str, stride: int, frames: int, dim: int) -> tuple[float, float, float, int]:
     """Returns (median wall ms, min wall ms, median process-CPU ms per frame, voxels touched per frame)."""
     rng = np.random.default_rng(0)
-    depth, rgb, fmap = synthetic_frame(rng)
+    depth, rgb, fmap = synthetic_frame(rng, dim)
     cam = CameraModel(W, H, 525.0, 525.0, 319.5, 239.5)
-    vm = VoxelMap(0.05, D, max_voxels=500_000, device=device)
+    vm = VoxelMap(0.05, dim, max_voxels=500_000, device=device)
     dev = torch.device(device)
     depth_t, rgb_t, fmap_t = torch.from_numpy(depth).to(dev), torch.from_numpy(rgb).to(dev), fmap.to(dev)
     times, cpu, touched = [], [], []
@@ -56,11 +58,11 @@ def time_fusion(device: str, stride: int, frames: int) -> tuple[float, float, fl
     return statistics.median(times), min(times), statistics.median(cpu), int(statistics.median(touched))
 
 
-def bytes_per_voxel(n: int) -> float:
-    vm = VoxelMap(0.05, D, max_voxels=n)
+def bytes_per_voxel(n: int, dim: int) -> float:
+    vm = VoxelMap(0.05, dim, max_voxels=n)
     side = int(np.ceil(n ** (1 / 3)))
     ijk = torch.stack(torch.meshgrid(*(torch.arange(side),) * 3, indexing="ij"), -1).reshape(-1, 3)[:n]
-    vm.fuse((ijk.float() + 0.5) * 0.05, torch.randn(n, D))
+    vm.fuse((ijk.float() + 0.5) * 0.05, torch.randn(n, dim))
     return vm.nbytes() / len(vm)
 
 
@@ -69,24 +71,26 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=20)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     ap.add_argument("--voxels", type=int, default=200_000)
+    ap.add_argument("--dim", type=int, default=0, help="feature D (default: the default backend's)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    dim = args.dim or feature_basis().shape[1]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"torch {torch.__version__}, cpu threads {torch.get_num_threads()}, {os.cpu_count()} cores, "
-          f"load average {load:.2f}, frame {W}x{H}, features {D}-d at 1/{DOWN}")
+          f"load average {load:.2f}, frame {W}x{H}, features {dim}-d at 1/{DOWN}")
     for dev in devices:
         for stride in (1, 2, 4):
-            ms, ms_min, cpu_ms, nvox = time_fusion(dev, stride, args.frames)
+            ms, ms_min, cpu_ms, nvox = time_fusion(dev, stride, args.frames, dim)
             line = (f"{dev:5s} stride {stride}: {ms:8.2f} ms/frame median wall (min {ms_min:.2f}, process CPU "
                     f"{cpu_ms:.2f} ms; {nvox} voxels fused per frame)")
             if stride == 2 and dev == "cpu":
                 line += (f"  ratio to {TARGET_MS:.0f} ms target: {ms / TARGET_MS:.2f} (wall), "
                          f"{cpu_ms / TARGET_MS:.2f} (process CPU)")
             print(line)
-    bpv = bytes_per_voxel(args.voxels)
-    print(f"bytes/voxel (D={D}, incl. hash index, map full at {args.voxels} voxels): {bpv:.1f}  "
+    bpv = bytes_per_voxel(args.voxels, dim)
+    print(f"bytes/voxel (D={dim}, incl. hash index, map full at {args.voxels} voxels): {bpv:.1f}  "
           f"ratio to {TARGET_BYTES} B target: {bpv / TARGET_BYTES:.3f}")
 
 

@@ -1,10 +1,12 @@
 """Benchmark: Purifier full vs incremental pass vs map size (synthetic rooms at 5 cm, VoxelMap).
 
-    python bench/bench_purify.py [--sizes 10000 100000 200000] [--dim 384] [--dirty 5000] [--threads 1] [--device cpu]
+    python bench/bench_purify.py [--sizes 10000 100000 200000] [--dim D] [--dirty 5000] [--threads 1] [--device cpu]
     python bench/bench_purify.py --leakage-only      # poster-on-wall leakage / L-corner accuracy table
 
 "Incremental" = one new frame re-observing a compact patch of `--dirty` voxels (new features), followed by
 `purify(incremental=True)`. Targets: full 200k <= 1 s on CPU, incremental >= 10x cheaper than full.
+The map's D is the one the node gets from `--backend` (lseg: its 129-d output subspace, the shipped student folded
+onto it) unless `--dim` sets another (e.g. `--dim 384`: lseg's full text-space features).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import time
 
 import torch
 
+from geopurify_ros.features import make_backend
 from geopurify_ros.purify.purifier import Purifier, PurifyConfig
 from geopurify_ros.purify.scenes import large_scene
 from geopurify_ros.purify.student import DEFAULT_CHECKPOINT, StudentAffinityNet, load_student
@@ -38,7 +41,7 @@ def frame_patch(vm: VoxelMap, k: int, seed: int) -> torch.Tensor:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 200_000])
-    ap.add_argument("--dim", type=int, default=384)
+    ap.add_argument("--dim", type=int, default=0, help="feature D of the map (default: that of --backend)")
     ap.add_argument("--dirty", type=int, default=5000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2)
@@ -54,7 +57,11 @@ def main(argv=None) -> None:
     ap.add_argument("--threshold", type=float, default=PurifyConfig.affinity_threshold)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    student = load_student(a.student or None, backend=a.backend, feature_dim=a.dim) \
+    basis = None
+    if not a.dim:
+        backend = make_backend(a.backend, device="cpu")
+        a.dim, basis = backend.dim, backend.feature_basis
+    student = load_student(a.student or None, backend=a.backend, feature_dim=a.dim, feature_basis=basis) \
         if (a.student or DEFAULT_CHECKPOINT.is_file()) else StudentAffinityNet().eval()
     cfg = PurifyConfig(iterations=a.iterations, radius=a.radius, temperature=a.temperature,
                        affinity_threshold=a.threshold)

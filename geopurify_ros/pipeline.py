@@ -73,7 +73,8 @@ class MappingPipeline:
                                  negatives=list(self.config.query_negatives))
         if student is None:
             student = load_student(self.config.student_checkpoint or None, backend=self.backend.name,
-                                   feature_dim=self.backend.dim)
+                                   feature_dim=self.backend.dim,
+                                   feature_basis=getattr(self.backend, "feature_basis", None))
         self.purifier = Purifier(student=student, config=self._purify_config(), device=self.device)
         self.voxel_map = self._new_map()
         self._lock = RWLock()

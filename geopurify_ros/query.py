@@ -37,7 +37,8 @@ class TextScorer:
         class_names: closed-set classes (index = label id).
         templates: prompt templates with one "{}"; None → `backend.text_templates` if the backend has them
             (ConSE: its class-name templates, so both sides share one context), else DEFAULT_TEMPLATES. Each text
-            is embedded as the normalised mean over templates.
+            is embedded as the normalised mean over templates, then mapped into the features' coordinates by
+            `backend.feature_basis` when the backend has one (lseg).
         negatives: extra canonical negatives for `query` (the four CANONICAL_NEGATIVES are always used).
         temperature: query softmax temperature (None → per-backend default).
         label_temperature: temperature of the class softmax whose max is the `label` score.
@@ -72,6 +73,7 @@ class TextScorer:
         self.negatives = _dedupe(list(CANONICAL_NEGATIVES) + [n.strip() for n in (negatives or []) if n and n.strip()])
         self.chunk_size = int(chunk_size)
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()    # text → (D,) embedding, LRU order
+        self._basis = getattr(backend, "feature_basis", None)            # (T, D) or None: see `embed`
         self._lock = threading.Lock()
         self.class_embeddings = self.embed([CLASS_ALIASES.get(c.lower(), c) for c in self.class_names])  # (C, D)
         support = getattr(backend, "support_embeddings", None) if debias else None
@@ -90,6 +92,8 @@ class TextScorer:
                 prompts = [tpl.format(t) for t in missing for tpl in self.templates]
                 emb = self.backend.encode_text(prompts).float()
                 emb = F.normalize(emb.view(len(missing), len(self.templates), -1).mean(1), dim=-1)
+                if self._basis is not None:     # after normalising, not re-normalised: g·(Qᵀt) = (Q g)·t exactly
+                    emb = emb @ self._basis.to(emb)
                 new = {t: e.clone() for t, e in zip(missing, emb)}    # own storage, not views of `emb`
             out = torch.stack([new[t] if t in new else self._cache[t] for t in texts])
             for t in texts:

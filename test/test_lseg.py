@@ -9,8 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from geopurify_ros.config import PipelineConfig
+from geopurify_ros.data.classes import class_names
+from geopurify_ros.data.make_demo import render_sequence
 from geopurify_ros.features import make_backend
-from geopurify_ros.features.lseg import DEFAULT_CHECKPOINT, LSegHead, load_head
+from geopurify_ros.features.lseg import DEFAULT_CHECKPOINT, LSegHead, feature_basis, load_head
+from geopurify_ros.pipeline import MappingPipeline
+from geopurify_ros.query import TextScorer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,15 +73,74 @@ def test_rendered_frame_labels_its_own_classes_offline_with_empty_cache(tmp_path
         assert s["cell_accuracy"] > 0.5, scores
 
 
-def test_shapes_normalisation_and_text_space():
-    b = make_backend("lseg", device="cpu")
+@pytest.fixture(scope="module")
+def backends():
+    """(default: features in the head's output subspace, subspace=False: 384-d text-space features)."""
+    return make_backend("lseg", device="cpu"), make_backend("lseg", device="cpu", subspace=False)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    _, cam, frames, poses, _ = render_sequence("demo", 0, noise=False, n_frames=3)
+    return cam, frames, poses
+
+
+def test_shapes_normalisation_and_text_space(backends):
+    sub, full = backends
     img = np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)
-    f = b.encode_image(img)
-    assert f.shape == (40, 56, 384) and f.dtype == torch.float32
-    assert torch.allclose(f.norm(dim=-1), torch.ones(40, 56), atol=1e-4)
-    t = b.encode_text(["a bed", "a wall"])
-    assert t.shape == (2, 384) and torch.allclose(t.norm(dim=-1), torch.ones(2), atol=1e-4)
-    assert b.dim == 384 and b.name == "lseg"
+    for b in backends:
+        f = b.encode_image(img)
+        assert f.shape == (40, 56, b.dim) and f.dtype == torch.float32
+        assert torch.allclose(f.norm(dim=-1), torch.ones(40, 56), atol=1e-4)
+        t = b.encode_text(["a bed", "a wall"])                  # text space, whatever the feature coordinates
+        assert t.shape == (2, 384) and torch.allclose(t.norm(dim=-1), torch.ones(2), atol=1e-4)
+        assert b.name == "lseg"
+    assert full.dim == 384 and full.feature_basis is None
+    q = sub.feature_basis                                       # rank of [W | b] of the head's 128 → 384 conv
+    assert sub.dim == 129 and q.shape == (384, 129) and torch.allclose(q.T @ q, torch.eye(129), atol=1e-5)
+    assert torch.equal(q, feature_basis())                      # reproducible: signs fixed
+
+
+def test_subspace_features_score_exactly_like_384d_ones(backends, demo):
+    """Labels, similarities and free-text scores of the 129-d coordinates equal those of the 384-d features, also
+    with several templates (the projection comes after the template mean is normalised and is not re-normalised)."""
+    sub, full = backends
+    names = list(class_names())
+    for rgb in (demo[1][0]["rgb"], np.random.default_rng(1).integers(0, 255, (240, 320, 3), dtype=np.uint8)):
+        g, f = sub.encode_image(rgb), full.encode_image(rgb)
+        assert (g @ sub.feature_basis.T - f).abs().max() < 1e-5
+        for templates in (None, ["a photo of a {}.", "a {} in a room."]):
+            s_sub, s_full = TextScorer(sub, names, templates=templates), TextScorer(full, names, templates=templates)
+            assert (s_sub.similarities(g) - s_full.similarities(f)).abs().max() < 1e-4
+            assert torch.equal(s_sub.label(g)[0], s_full.label(f)[0])
+            for text in ("a bed", "something to sit on"):
+                assert (s_sub.query(g, text) - s_full.query(f, text)).abs().max() < 1e-4
+
+
+def test_subspace_map_fuses_pools_and_labels_like_the_384d_map(backends, demo, tmp_path):
+    """Fused running means (and the pooled map, with the shipped 384-d student folded onto the subspace) give the
+    same labels; a 384-d map is refused by the subspace pipeline with the clear dimension error."""
+    cam, frames, poses = demo
+    pipes = []
+    for b in backends:
+        p = MappingPipeline(PipelineConfig(device="cpu"), backend=b)
+        for i, (fr, T) in enumerate(zip(frames, poses)):
+            p.process_frame(fr["rgb"], fr["depth"], cam, T, float(i))
+        pipes.append(p)
+    sub, full = pipes
+    q = sub.backend.feature_basis
+    vs, vf = sub.voxel_map, full.voxel_map
+    assert vs.features.shape[1] == 129 and torch.equal(vs.xyz, vf.xyz)
+    assert (vs.features.float() @ q.T - vf.features.float()).abs().max() < 1e-3         # float16 rows, both
+    assert torch.equal(sub.scorer.label(vs.features)[0], full.scorer.label(vf.features)[0])
+    for p in pipes:
+        p.purify(incremental=False)
+    assert sub.purifier.student.config.feature_dim == 129
+    assert (vs.channel("purified").float() @ q.T - vf.channel("purified").float()).abs().max() < 3e-3
+    assert np.array_equal(sub.labelled_cloud()["label"], full.labelled_cloud()["label"])
+    full.save(tmp_path / "full.pt")
+    with pytest.raises(ValueError, match="384-d features but backend 'lseg' produces 129-d"):
+        sub.load(tmp_path / "full.pt")
 
 
 def test_bad_checkpoint_is_a_clear_error(tmp_path):
@@ -110,7 +174,7 @@ def test_train_features_cli_writes_a_loadable_head_and_its_record(tmp_path):
     assert steps == [1, 2, 3, 4]
     backend = make_backend("lseg", device="cpu", model=str(out / "lseg_head.pt"))
     f = backend.encode_image(np.zeros((120, 160, 3), np.uint8))
-    assert f.shape[-1] == 384 and torch.allclose(f.norm(dim=-1), torch.ones(f.shape[:2]), atol=1e-4)
+    assert f.shape[-1] == backend.dim == 129 and torch.allclose(f.norm(dim=-1), torch.ones(f.shape[:2]), atol=1e-4)
 
 
 def test_train_features_refuses_evaluation_seeds_and_missing_cuda(tmp_path, capsys):

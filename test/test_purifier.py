@@ -74,6 +74,24 @@ def test_incremental_equals_full_on_voxel_map(student, feature_student, scene, m
         assert torch.equal(inc, vm.features_f32())
 
 
+def test_full_pass_commutes_with_the_lseg_feature_basis(scene):
+    """A pooled pass over lseg subspace coordinates g (shipped student folded onto them), mapped back by Q, equals
+    the pass over the 384-d features Q g: pooling is row-linear and the folded student sees the same inputs."""
+    from geopurify_ros.features.lseg import feature_basis
+    from geopurify_ros.purify.student import load_student
+
+    q = feature_basis()
+    gen = torch.Generator().manual_seed(3)
+    classes = torch.nn.functional.normalize(torch.randn(D, q.shape[1], generator=gen), dim=1)
+    g = noisy_onehot(scene.instance) @ classes
+    cfg = PurifyConfig(iterations=3)
+    out_sub = purify_tensors(scene.xyz, scene.colors, g, VS, student=load_student(backend="lseg", feature_basis=q),
+                             config=cfg)
+    out_full = purify_tensors(scene.xyz, scene.colors, g @ q.T, VS, student=load_student(backend="lseg"), config=cfg)
+    assert out_sub.shape == g.shape
+    assert (out_sub @ q.T - out_full).abs().max() < 2e-3 < 0.1 < (out_full - g @ q.T).abs().max()   # float16 rows
+
+
 def test_evicted_voxels_refresh_their_neighbours(student, scene):
     s = scene
     n = len(s.xyz)

@@ -19,14 +19,18 @@ class FeatureBackend(abc.ABC):
     """Dense vision-language features for one RGB frame, and text embeddings in the same space.
 
     Attributes: `name` (registry name), `dim` (D), `device` (torch.device), `stride` (input pixels per
-    output cell, nominal). Implementations must be safe to call from one worker thread while another
-    thread uses `encode_text` (they run under `torch.inference_mode()` and guard shared state).
+    output cell, nominal), `feature_basis` (None, or (T, D) orthonormal columns: features are coordinates
+    in this basis of a subspace of the T-d text space, and a unit text embedding t scores against them as
+    t @ feature_basis, not re-normalised; see `LSegBackend`). Implementations must be safe to call from one
+    worker thread while another thread uses `encode_text` (they run under `torch.inference_mode()` and guard
+    shared state).
     """
 
     name: str = "base"
     dim: int = 0
     device: torch.device = torch.device("cpu")
     stride: int = 1
+    feature_basis: torch.Tensor | None = None
 
     @abc.abstractmethod
     def encode_image(self, rgb: np.ndarray) -> torch.Tensor:
@@ -38,7 +42,7 @@ class FeatureBackend(abc.ABC):
 
     @abc.abstractmethod
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
-        """N strings → float32 (N, D) on `device`, L2-normalised."""
+        """N strings → float32 (N, T) on `device`, L2-normalised, in the text space (T = D unless `feature_basis`)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, dim={self.dim}, device={self.device})"

