@@ -28,3 +28,16 @@ def tiny_demo_dir():
     out = cache_dir("demo_tiny_0")
     generate(out, "tiny", 0, log=lambda *_: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def lseg_student_384(tmp_path_factory):
+    """A feature-conditioned lseg student checkpoint on 384-d text-space features (seeded random weights), as
+    distilled before lseg's subspace coordinates or with `LSegBackend(subspace=False)`: what `load_student` must fold
+    onto the 129-d coordinates exactly. (The shipped `student_lseg.pt` is distilled on the coordinates directly.)"""
+    from geopurify_ros.purify.student import StudentAffinityNet, StudentConfig
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("student") / "student_lseg_384.pt"
+    StudentAffinityNet(StudentConfig(feature_dim=384, backend="lseg")).save(path)
+    return path

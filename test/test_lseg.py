@@ -117,13 +117,22 @@ def test_subspace_features_score_exactly_like_384d_ones(backends, demo):
                 assert (s_sub.query(g, text) - s_full.query(f, text)).abs().max() < 1e-4
 
 
-def test_subspace_map_fuses_pools_and_labels_like_the_384d_map(backends, demo, tmp_path):
-    """Fused running means (and the pooled map, with the shipped 384-d student folded onto the subspace) give the
-    same labels; a 384-d map is refused by the subspace pipeline with the clear dimension error."""
+def _labels_agree_off_ties(sub, full, f_sub, f_full, tol=2e-3):
+    """Maps store float16 rows, rounded in different coordinates: labels must agree wherever the best two class
+    similarities are further apart than that rounding, and near-ties must be rare."""
+    sim = full.scorer.similarities(f_full)
+    top = sim.topk(2, dim=1).values
+    tie = top[:, 0] - top[:, 1] < tol
+    assert torch.equal(sub.scorer.label(f_sub)[0][~tie], sim.argmax(1)[~tie]) and tie.float().mean() < 0.01
+
+
+def test_subspace_map_fuses_pools_and_labels_like_the_384d_map(backends, demo, tmp_path, lseg_student_384):
+    """Fused running means (and the pooled map, with one 384-d student, folded onto the subspace by the pipeline)
+    give the same labels; a 384-d map is refused by the subspace pipeline with the clear dimension error."""
     cam, frames, poses = demo
     pipes = []
     for b in backends:
-        p = MappingPipeline(PipelineConfig(device="cpu"), backend=b)
+        p = MappingPipeline(PipelineConfig(device="cpu", student_checkpoint=str(lseg_student_384)), backend=b)
         for i, (fr, T) in enumerate(zip(frames, poses)):
             p.process_frame(fr["rgb"], fr["depth"], cam, T, float(i))
         pipes.append(p)
@@ -132,12 +141,12 @@ def test_subspace_map_fuses_pools_and_labels_like_the_384d_map(backends, demo, t
     vs, vf = sub.voxel_map, full.voxel_map
     assert vs.features.shape[1] == 129 and torch.equal(vs.xyz, vf.xyz)
     assert (vs.features.float() @ q.T - vf.features.float()).abs().max() < 1e-3         # float16 rows, both
-    assert torch.equal(sub.scorer.label(vs.features)[0], full.scorer.label(vf.features)[0])
+    _labels_agree_off_ties(sub, full, vs.features, vf.features)
     for p in pipes:
         p.purify(incremental=False)
     assert sub.purifier.student.config.feature_dim == 129
     assert (vs.channel("purified").float() @ q.T - vf.channel("purified").float()).abs().max() < 3e-3
-    assert np.array_equal(sub.labelled_cloud()["label"], full.labelled_cloud()["label"])
+    _labels_agree_off_ties(sub, full, vs.channel("purified"), vf.channel("purified"))
     full.save(tmp_path / "full.pt")
     with pytest.raises(ValueError, match="384-d features but backend 'lseg' produces 129-d"):
         sub.load(tmp_path / "full.pt")

@@ -74,8 +74,8 @@ def test_incremental_equals_full_on_voxel_map(student, feature_student, scene, m
         assert torch.equal(inc, vm.features_f32())
 
 
-def test_full_pass_commutes_with_the_lseg_feature_basis(scene):
-    """A pooled pass over lseg subspace coordinates g (shipped student folded onto them), mapped back by Q, equals
+def test_full_pass_commutes_with_the_lseg_feature_basis(scene, lseg_student_384):
+    """A pooled pass over lseg subspace coordinates g (a 384-d student folded onto them), mapped back by Q, equals
     the pass over the 384-d features Q g: pooling is row-linear and the folded student sees the same inputs."""
     from geopurify_ros.features.lseg import feature_basis
     from geopurify_ros.purify.student import load_student
@@ -85,9 +85,9 @@ def test_full_pass_commutes_with_the_lseg_feature_basis(scene):
     classes = torch.nn.functional.normalize(torch.randn(D, q.shape[1], generator=gen), dim=1)
     g = noisy_onehot(scene.instance) @ classes
     cfg = PurifyConfig(iterations=3)
-    out_sub = purify_tensors(scene.xyz, scene.colors, g, VS, student=load_student(backend="lseg", feature_basis=q),
+    out_sub = purify_tensors(scene.xyz, scene.colors, g, VS, student=load_student(lseg_student_384, feature_basis=q),
                              config=cfg)
-    out_full = purify_tensors(scene.xyz, scene.colors, g @ q.T, VS, student=load_student(backend="lseg"), config=cfg)
+    out_full = purify_tensors(scene.xyz, scene.colors, g @ q.T, VS, student=load_student(lseg_student_384), config=cfg)
     assert out_sub.shape == g.shape
     assert (out_sub @ q.T - out_full).abs().max() < 2e-3 < 0.1 < (out_full - g @ q.T).abs().max()   # float16 rows
 

@@ -98,14 +98,16 @@ def test_feature_conditioned_student_checks_dimension(tmp_path, one_thread):
         load_student(path, feature_dim=384)
 
 
-def test_lseg_student_folded_onto_the_feature_subspace_is_exact():
-    """The shipped lseg student (distilled on 384-d features) on subspace coordinates g = Qᵀf, projection folded to
-    W Q, embeds the voxels exactly as on f = Q g; fused rows are shorter than 1 (the L2 normalisation must agree)."""
+def test_lseg_student_folded_onto_the_feature_subspace_is_exact(lseg_student_384):
+    """A lseg student distilled on 384-d features, used on subspace coordinates g = Qᵀf with its projection folded
+    to W Q, embeds the voxels exactly as on f = Q g; fused rows are shorter than 1 (the L2 normalisation must agree).
+    The shipped student is distilled on the coordinates themselves and loads as it is."""
     from geopurify_ros.features.lseg import feature_basis
 
     q = feature_basis()                                                     # (384, 129)
-    full = load_student(backend="lseg", feature_dim=384)
-    sub = load_student(backend="lseg", feature_dim=q.shape[1], feature_basis=q)
+    assert load_student(backend="lseg", feature_dim=q.shape[1], feature_basis=q).config.feature_dim == q.shape[1]
+    full = load_student(lseg_student_384, feature_dim=384)
+    sub = load_student(lseg_student_384, feature_dim=q.shape[1], feature_basis=q)
     assert full.config.feature_dim == 384 and sub.config.feature_dim == q.shape[1] and sub.config.backend == "lseg"
     s = tiny_scene(2)
     nb = grid_neighbours(s.xyz, VS)
@@ -119,9 +121,9 @@ def test_lseg_student_folded_onto_the_feature_subspace_is_exact():
     with torch.enable_grad():                                               # the training-time formula too
         assert (sub.project(g) - full.project(f)).abs().max() < 1e-5
     with pytest.raises(ValueError, match="student_checkpoint.*384-d features of backend 'lseg'.*200-d"):
-        load_student(backend="lseg", feature_dim=200)
+        load_student(lseg_student_384, feature_dim=200)
     with pytest.raises(ValueError, match="student_checkpoint.*384-d features.*129-d"):   # a basis of another space
-        load_student(backend="lseg", feature_dim=129, feature_basis=torch.eye(512)[:, :129])
+        load_student(lseg_student_384, feature_dim=129, feature_basis=torch.eye(512)[:, :129])
 
 
 def test_backend_without_shipped_student_falls_back_with_one_warning():
