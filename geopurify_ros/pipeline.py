@@ -72,9 +72,11 @@ class MappingPipeline:
                                  templates=list(self.config.prompt_templates) or None,
                                  negatives=list(self.config.query_negatives))
         if student is None:
+            digest = getattr(self.backend, "weights_digest", None)         # duck-typed test backends have none
             student = load_student(self.config.student_checkpoint or None, backend=self.backend.name,
                                    feature_dim=self.backend.dim,
-                                   feature_basis=getattr(self.backend, "feature_basis", None))
+                                   feature_basis=getattr(self.backend, "feature_basis", None),
+                                   feature_weights=digest() if digest else None)
         self.purifier = Purifier(student=student, config=self._purify_config(), device=self.device)
         self.voxel_map = self._new_map()
         self._lock = RWLock()

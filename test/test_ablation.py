@@ -100,3 +100,32 @@ def test_scale_sweep_grid_and_cli_refuses_evaluation_seeds(capsys):
     assert v["uniform it=6 r=1"].kind == "uniform"
     assert main(["--sweep", "scale", "--seeds", "0-1", "--out", "/nonexistent/x"]) == 2
     assert "seed" in capsys.readouterr().err
+
+
+def test_ceiling_rows_teacher_and_oracle_affinities(capsys):
+    """--sweep ceiling: the oracle's one-hot ground-truth embeddings pool only within a class, so its labels beat raw
+    and uniform smoothing on a noisy map; the teacher row runs the shipped teacher; both need their embeddings."""
+    from geopurify_ros.eval.ablation import ceiling_embeddings, ceiling_variants, main
+
+    rows = {v.name: v for v in ceiling_variants()}
+    assert len(rows) == len(ceiling_variants()) and rows["oracle, no gates at paper scale"].overrides["radius"] == 2
+    s = room_scene(3, size=(2.0, 2.0), n_objects=2, n_posters=1)
+    truth = s.instance % 6
+    g = torch.Generator().manual_seed(1)
+    wrong = torch.rand(len(truth), generator=g) < 0.35                 # 35 % of the points carry another class
+    noisy = torch.where(wrong, (truth + torch.randint(1, 6, truth.shape, generator=g)) % 6, truth)
+    vm = VoxelMap(voxel_size=0.05, feature_dim=6, max_voxels=4 * len(s.xyz))
+    vm.fuse(s.xyz, torch.nn.functional.one_hot(noisy, 6).float(), s.colors, stamp=0.0,
+            sensor_origin=torch.tensor([0.6, 0.6, 1.5]))
+    fixed = ceiling_embeddings(vm, s.xyz.numpy(), truth.numpy(), 6, radius=0.075)
+    assert fixed["oracle"].shape == (len(vm), 7) and fixed["teacher"].shape[0] == len(vm)
+    labels = fixed["oracle"].argmax(1)
+    cfg, student = PurifyConfig(iterations=3), StudentAffinityNet(StudentConfig()).eval()
+    acc = {name: (run_variant(rows[name], vm, student, cfg, fixed).argmax(1) == labels).float().mean().item()
+           for name in ("raw", "oracle, no gates", "teacher, no gates")}
+    acc["uniform"] = (run_variant(Variant("u", "uniform"), vm, student, cfg).argmax(1) == labels).float().mean().item()
+    assert acc["raw"] < 0.9 and acc["oracle, no gates"] > max(acc["raw"], acc["uniform"]) + 0.02
+    with pytest.raises(ValueError, match="oracle embeddings"):
+        run_variant(rows["oracle, no gates"], vm, student, cfg)
+    assert main(["--sweep", "ceiling", "--seeds", "5", "--out", "/nonexistent/x"]) == 2
+    assert "seed" in capsys.readouterr().err

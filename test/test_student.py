@@ -126,12 +126,32 @@ def test_lseg_student_folded_onto_the_feature_subspace_is_exact(lseg_student_384
         load_student(lseg_student_384, feature_dim=129, feature_basis=torch.eye(512)[:, :129])
 
 
+def test_student_is_bound_to_the_feature_weights_it_was_distilled_on(tmp_path):
+    """A feature-conditioned student records its backend's weights digest: the same digest loads, another is a
+    clear error for an explicit checkpoint (its projection would read other features' coordinates), and a
+    checkpoint that recorded none (older files) is taken as it is."""
+    net = StudentAffinityNet(StudentConfig(feature_dim=12, backend="fake", feature_weights="a" * 64))
+    path = tmp_path / "student_fake.pt"
+    net.save(path)
+    assert load_student(path, feature_dim=12, feature_weights="a" * 64).config.feature_weights == "a" * 64
+    with pytest.raises(ValueError, match="student_checkpoint.*other 'fake' weights.*aaaaaaaaaaaa.*bbbbbbbbbbbb"):
+        load_student(path, feature_dim=12, feature_weights="b" * 64)
+    StudentAffinityNet(StudentConfig(feature_dim=12, backend="fake")).save(path)
+    assert load_student(path, feature_dim=12, feature_weights="b" * 64).uses_features
+
+
+def test_shipped_conse_student_is_bound_to_the_conse_weights():
+    from geopurify_ros.features import make_backend
+
+    assert load_student(backend="conse").config.feature_weights == make_backend("conse", device="cpu").weights_digest()
+
+
 def test_backend_without_shipped_student_falls_back_with_one_warning():
     import warnings
 
     from geopurify_ros.purify import student as st
 
-    st._WARNED.discard("no_such_backend")
+    st._WARNED.clear()
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         a = load_student(backend="no_such_backend", feature_dim=512)

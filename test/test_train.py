@@ -44,6 +44,8 @@ def test_geopurify_train_feature_conditioned_end_to_end(tmp_path, one_thread):
     assert rec["labels_used"] is False and rec["feature_dim"] == 384 and rec["feature_backend"] == "conse"
     net = load_student(tmp_path / "out" / "student_conse.pt", feature_dim=384)
     assert net.uses_features and net.config.backend == "conse"
+    from geopurify_ros.features import make_backend
+    assert net.config.feature_weights == make_backend("conse", device="cpu").weights_digest()   # bound to them
     with pytest.raises(ValueError, match="student_checkpoint"):
         load_student(tmp_path / "out" / "student_conse.pt", feature_dim=512)
 

@@ -14,6 +14,10 @@ re-labels that same map:
   ... at paper scale     the same with the paper's neighbourhood and iteration count (the offline quality setting)
   paper-like             student affinities, no gates, no threshold, paper-scale neighbourhood and iterations
 
+`--sweep ceiling` (training seeds only) asks how far any affinity could take the pooling: the same pooling with
+the teacher's own embeddings (what the student is distilled to imitate) and with an oracle, one-hot ground-truth
+labels (affinity 1 inside a class, 0 across), beside the student and the constant affinities.
+
 Reported per seed and as means (demo seed 0 and evaluation seeds 1-9), per class, with deltas to raw.
 Evaluation seeds are for reporting only: nothing here trains or tunes anything.
 """
@@ -37,19 +41,13 @@ def fusion_fingerprint(pipe, params: dict) -> str:
     """Short hash of everything a fused map depends on besides the recording: the feature backend's weights
     (so a retrained head is never served a map fused with the old one), the pipeline's effective config and
     the keyframe gate."""
-    import hashlib
+    from ..features.base import cache_key, module_digest
 
-    from ..features.base import cache_key
-
-    weights = hashlib.sha256()
-    for attr, module in sorted(vars(pipe.backend).items(), key=lambda kv: kv[0]):
-        if isinstance(module, torch.nn.Module):
-            for name, t in module.state_dict().items():      # shape + two sums per tensor: cheap and specific
-                t = t.detach().double()
-                weights.update(f"{attr}.{name}{tuple(t.shape)}{t.sum().item():.9e}{t.abs().sum().item():.9e}".encode())
+    # the modules as run (lseg's folded head): a map stored in other coordinates is another map
+    weights = module_digest({k: m for k, m in vars(pipe.backend).items() if isinstance(m, torch.nn.Module)})
     cfg = {k: v for k, v in dataclasses.asdict(pipe.config).items() if k != "class_names"}
     gate = {k: v for k, v in params.items() if k.startswith("keyframe_")}
-    return cache_key(pipe.backend.name, pipe.backend.dim, weights.hexdigest(), cfg, gate)[:12]
+    return cache_key(pipe.backend.name, pipe.backend.dim, weights, cfg, gate)[:12]
 
 
 def fused_map_path(backend, fingerprint: str, seed: int, size: str = "demo") -> Path:
@@ -107,7 +105,7 @@ def load_or_fuse(seed: int, pipe, params: dict, fingerprint: str, size: str = "d
 class Variant:
     name: str
     kind: str                     # raw | uniform | ggp
-    student: str = "student"      # student | constant
+    student: str = "student"      # student | constant | teacher | oracle (the last two: --sweep ceiling)
     gates: bool = True
     overrides: dict = dataclasses.field(default_factory=dict)    # PurifyConfig fields
 
@@ -142,6 +140,35 @@ def scale_sweep_variants() -> list[Variant]:
         for label, kind, student, gates, extra, points in rows for it, r in points]
 
 
+def ceiling_variants() -> list[Variant]:
+    """Student vs. the teacher it imitates vs. perfect (ground-truth) affinities, at the default and the paper's scale
+    (docs/GEOPURIFY.md, "How far can affinities take the pooling")."""
+    paper = {"iterations": 18, "radius": 2}
+    out = [Variant("raw", "raw")]
+    for who in ("constant", "student", "teacher", "oracle"):
+        for gates in ((True,) if who == "constant" else (False, True)):
+            for scale, over in (("", {}), (" at paper scale", paper)):
+                label = f"{who}{' + gates' if gates else ', no gates'}{scale}"
+                out.append(Variant(label, "ggp", student=who, gates=gates, overrides=dict(over)))
+    return out
+
+
+def ceiling_embeddings(vmap, gt_xyz: np.ndarray, gt_labels: np.ndarray, n_classes: int, radius: float) -> dict:
+    """Per-voxel embeddings for the `teacher` and `oracle` rows of `ceiling_variants`: the shipped teacher's, and
+    one-hot labels of the nearest ground-truth point within `radius` (another one-hot "unlabelled" beyond it)."""
+    from scipy.spatial import cKDTree
+
+    from ..purify.teacher import DEFAULT_TEACHER, load_teacher
+
+    xyz = vmap.xyz.float().cpu()
+    dist, idx = cKDTree(gt_xyz).query(xyz.numpy(), k=1)
+    lab = gt_labels[np.minimum(idx, len(gt_labels) - 1)]
+    lab = np.where((dist <= radius) & (lab >= 0) & (lab < n_classes), lab, n_classes)
+    with torch.no_grad():
+        teacher = torch.nn.functional.normalize(load_teacher(DEFAULT_TEACHER).embed(xyz, vmap.colors.cpu()).float(), dim=1)
+    return {"teacher": teacher, "oracle": torch.nn.functional.one_hot(torch.from_numpy(lab), n_classes + 1).float()}
+
+
 def sweep_variants(iterations=(3, 10), temperatures=(0.1, 0.3), thresholds=(0.5, -1.0)) -> list[Variant]:
     """Operating-point grid for choosing the pooling defaults (run on training seeds >= 1000 only)."""
     out = [Variant("raw", "raw")]
@@ -154,11 +181,12 @@ def sweep_variants(iterations=(3, 10), temperatures=(0.1, 0.3), thresholds=(0.5,
     return out
 
 
-def run_variant(v: Variant, vmap, student, config) -> torch.Tensor:
-    """(N, D) float32 features of the map after variant `v` (full pass; the map's channels are left alone)."""
+def run_variant(v: Variant, vmap, student, config, fixed: dict | None = None) -> torch.Tensor:
+    """(N, D) float32 features of the map after variant `v` (full pass; the map's channels are left alone).
+    `fixed`: per-voxel embeddings for the `teacher` / `oracle` students (`ceiling_embeddings`)."""
     from ..purify.pooling import uniform_smoothing
     from ..purify.purifier import Purifier, TensorMap
-    from ..purify.student import ConstantEmbedding
+    from ..purify.student import ConstantEmbedding, FixedEmbedding
 
     if v.kind == "raw":
         return vmap.features.float()
@@ -168,7 +196,12 @@ def run_variant(v: Variant, vmap, student, config) -> torch.Tensor:
         return uniform_smoothing(vmap.features, nb, cfg.iterations)
     if not v.gates:
         cfg = dataclasses.replace(cfg, color_gate=False, normal_gate=False, depth_gate=False)
-    st = ConstantEmbedding() if v.student == "constant" else student
+    if v.student in ("teacher", "oracle"):
+        if not fixed or v.student not in fixed:
+            raise ValueError(f"variant '{v.name}': needs the {v.student} embeddings of this map (ceiling_embeddings)")
+        st = FixedEmbedding(fixed[v.student])
+    else:
+        st = ConstantEmbedding() if v.student == "constant" else student
     tm = TensorMap(vmap.xyz, vmap.colors, vmap.features, vmap.voxel_size)
     Purifier(st, cfg).purify(tm, mode="pooled", incremental=False)
     return tm.channel(cfg.output_channel).float()
@@ -232,7 +265,7 @@ def run_ablation(seeds: list[int], params_path: str | None, labels_path: str, ou
         from ..purify.rooms import check_training_seed
         for s in seeds:
             check_training_seed(s)
-        grids = {"temperature": sweep_variants, "scale": scale_sweep_variants}
+        grids = {"temperature": sweep_variants, "scale": scale_sweep_variants, "ceiling": ceiling_variants}
         variants = grids["temperature" if sweep is True else sweep]()     # True = the original grid
     else:
         variants = default_variants(config.iterations)
@@ -244,7 +277,9 @@ def run_ablation(seeds: list[int], params_path: str | None, labels_path: str, ou
         pipe.voxel_map = load_or_fuse(s, pipe, params, fingerprint)
         gt_xyz, gt_labels = load_gt(str(demo_dir(s) / "ground_truth.npz"), class_names, ignore)
         t = time.perf_counter()
-        clouds = ablation_clouds(pipe, variants)
+        fixed = (ceiling_embeddings(pipe.voxel_map, gt_xyz, gt_labels, len(class_names), radius)
+                 if sweep == "ceiling" else None)
+        clouds = ablation_clouds(pipe, variants, fixed)
         results[s] = {}
         for name, cloud in clouds.items():
             sc = evaluate(gt_xyz, gt_labels, *cloud_xyz_labels(cloud), class_names, radius, ignore)
@@ -281,10 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--labels", default="config/labels.yaml")
     ap.add_argument("--student-checkpoint", default=None)
     ap.add_argument("--out", default="build/ablation")
-    ap.add_argument("--sweep", nargs="?", const="temperature", default=None, choices=("temperature", "scale"),
+    ap.add_argument("--sweep", nargs="?", const="temperature", default=None,
+                    choices=("temperature", "scale", "ceiling"),
                     help="score a grid of pooling operating points instead (tuning: seeds >= 1000 only): "
-                         "'temperature' (default: iterations x temperature x threshold x gates) or 'scale' "
-                         "(neighbourhood radius x iterations, with and without gates)")
+                         "'temperature' (default: iterations x temperature x threshold x gates), 'scale' "
+                         "(neighbourhood radius x iterations, with and without gates) or 'ceiling' (student vs. "
+                         "the teacher's embeddings vs. ground-truth affinities)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     try:

@@ -79,8 +79,9 @@ def replay_offline(source: BagSource, config, params: dict[str, Any], modes=MODE
     return _on_worker_thread(_replay_offline, pipe, source, config, params, modes, max_frames, progress, ablation)
 
 
-def ablation_clouds(pipe, variants=None) -> dict[str, np.ndarray]:
-    """Labelled clouds of the GeoPurify ablation variants (eval/ablation.py) on the pipeline's fused map."""
+def ablation_clouds(pipe, variants=None, fixed: dict | None = None) -> dict[str, np.ndarray]:
+    """Labelled clouds of the GeoPurify ablation variants (eval/ablation.py) on the pipeline's fused map
+    (`fixed`: embeddings for teacher / oracle variants, `ablation.ceiling_embeddings`)."""
     from geopurify_ros.pointcloud2 import make_cloud
 
     from .ablation import default_variants, run_variant
@@ -89,7 +90,7 @@ def ablation_clouds(pipe, variants=None) -> dict[str, np.ndarray]:
     keep = (vm.counts >= pipe.config.cloud_min_observations).cpu()
     out = {}
     for v in variants or default_variants(cfg.iterations):
-        labels, scores = pipe.scorer.label(run_variant(v, vm, pipe.purifier.student, cfg))
+        labels, scores = pipe.scorer.label(run_variant(v, vm, pipe.purifier.student, cfg, fixed))
         out[v.name] = make_cloud(vm.xyz[keep].cpu().numpy(), vm.colors[keep].cpu().numpy(),
                                  labels[keep].cpu().numpy().astype(np.uint16), scores[keep].cpu().numpy())
     return out

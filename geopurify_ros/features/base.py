@@ -44,8 +44,27 @@ class FeatureBackend(abc.ABC):
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         """N strings → float32 (N, T) on `device`, L2-normalised, in the text space (T = D unless `feature_basis`)."""
 
+    def weights_digest(self) -> str:
+        """Hash of the weights that make this backend's features (every torch module it holds). A student
+        distilled on one backend's fused features records it, and is refused on features from other weights."""
+        return module_digest({k: m for k, m in vars(self).items() if isinstance(m, torch.nn.Module)})
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, dim={self.dim}, device={self.device})"
+
+
+def module_digest(modules: dict) -> str:
+    """sha256 hex of named torch modules' weights: names, shapes, Σ|w| (7 significant digits) and Σw / Σ|w| (6
+    decimals) per tensor: cheap and specific, and coarse enough that another machine's summation order or
+    BatchNorm folding (last-bit differences) gives the same digest, while any retraining changes it."""
+    h = hashlib.sha256()
+    for attr, module in sorted(modules.items(), key=lambda kv: kv[0]):
+        for name, t in module.state_dict().items():
+            t = t.detach().cpu().double()
+            a = t.abs().sum().item()
+            r = round(t.sum().item() / a, 6) + 0.0 if a else 0.0             # + 0.0: no "-0.000000"
+            h.update(f"{attr}.{name}{tuple(t.shape)}{a:.6e}{r:.6f}".encode())
+    return h.hexdigest()
 
 
 def check_image(rgb, name: str = "rgb") -> np.ndarray:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..device import resolve_device
-from .base import FeatureBackend, check_image, check_texts
+from .base import FeatureBackend, check_image, check_texts, module_digest
 from .conse import (MiniLMText, for_inference, load_efficientnet_lite, network_input_size, normalise_for_lite,
                     shared_text_encoder)
 
@@ -140,13 +140,17 @@ class LSegBackend(FeatureBackend):
         if self.image_width < 32:
             raise ValueError(f"image_width: must be >= 32, got {self.image_width}")
         self.text_templates = tuple(meta.get("templates") or DEFAULT_TEMPLATES)
-        self.feature_basis = head.fold_output_basis().float().to(self.device) if subspace else None
-        self.dim = text_dim if self.feature_basis is None else self.feature_basis.shape[1]
         self.net = load_efficientnet_lite(meta.get("backbone", "efficientnet-lite0"), pretrained).to(
             self.device, memory_format=torch.channels_last)
+        self._weights_digest = module_digest({"head": head, "net": self.net})     # before folding: same either way
+        self.feature_basis = head.fold_output_basis().float().to(self.device) if subspace else None
+        self.dim = text_dim if self.feature_basis is None else self.feature_basis.shape[1]
         self.head = for_inference(head).to(self.device, memory_format=torch.channels_last)
         self._text_device = str(self.device)
         self._lock = threading.Lock()
+
+    def weights_digest(self) -> str:
+        return self._weights_digest
 
     @property
     def text_encoder(self) -> MiniLMText:

@@ -5,7 +5,10 @@
 2. The frozen EfficientNet-Lite0 runs once per frame (and its mirror image); its stride-8/16/32 maps
    are kept in memory as float16, so training touches only the small head.
 3. The head is trained LSeg-style: per output cell, cross-entropy over the training vocabulary of
-   cosine(cell embedding, MiniLM text embedding) / tau, the text encoder frozen.
+   cosine(cell embedding, MiniLM text embedding) / tau, the text encoder frozen. With ``--distill`` it also
+   learns to match, cell by cell (cosine), the normalised mean of already-trained heads on the same backbone
+   maps: one head's pass with most of an ensemble's quality (heads trained apart disagree off the training
+   vocabulary, and their mean is the better labeller).
 4. Validation: closed-set pixel mIoU with the evaluation class names (config/labels.yaml) on separate
    training-split rooms (seeds `--val-seeds`); evaluation seeds 0-99 are never touched here.
 
@@ -14,6 +17,7 @@ Writes ``OUT/lseg_head.pt``, ``OUT/lseg_head.json`` (command, data, split, metri
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import platform
@@ -31,7 +35,7 @@ from ..data.text_frames import cached_text_frames
 from ..device import resolve_device
 from ..eval.metrics import Scores, confusion_matrix
 from .conse import load_efficientnet_lite, network_input_size, normalise_for_lite, shared_text_encoder
-from .lseg import DEFAULT_TEMPLATES, LSegHead, backbone_endpoints
+from .lseg import DEFAULT_TEMPLATES, LSegHead, backbone_endpoints, load_head
 
 def parse_seeds(text: str) -> list[int]:
     """'1000-1159' or '1000,1002' or a mix → sorted seeds."""
@@ -98,11 +102,37 @@ class FeatureSet:
         return len(self.targets)
 
 
+def batch_maps(fs: FeatureSet, idx, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(m[idx].to(device).float() for m in (fs.f8, fs.f16, fs.f32))
+
+
 def cell_logits(head, fs: FeatureSet, idx, text_emb: torch.Tensor) -> torch.Tensor:
     """(B, V, h, w) cosine similarities of the head's cells to ``text_emb`` (V, D) for frames ``idx``."""
-    dev = text_emb.device
-    emb = head(fs.f8[idx].to(dev).float(), fs.f16[idx].to(dev).float(), fs.f32[idx].to(dev).float())
-    return torch.einsum("bdhw,vd->bvhw", emb, text_emb)
+    return torch.einsum("bdhw,vd->bvhw", head(*batch_maps(fs, idx, text_emb.device)), text_emb)
+
+
+def load_heads(paths, image_width: int, device) -> list[LSegHead]:
+    """Trained heads for ``--init`` / ``--distill``; they must have been trained on this backbone input."""
+    heads = []
+    for p in paths:
+        try:
+            head, meta = load_head(p)
+        except (FileNotFoundError, ValueError) as exc:
+            raise ValueError(f"--init/--distill: {exc}") from exc
+        if int(meta.get("image_width", image_width)) != image_width:
+            raise ValueError(f"{p}: trained at image width {meta.get('image_width')}, not {image_width}")
+        heads.append(head.to(device).eval().requires_grad_(False))
+    return heads
+
+
+def ensemble_embedding(heads: list[LSegHead], maps) -> torch.Tensor:
+    """Normalised mean of the heads' (unit) cell embeddings: the distillation target."""
+    with torch.no_grad():
+        return F.normalize(sum(h(*maps) for h in heads), dim=1)
+
+
+def file_record(path) -> dict:
+    return {"path": str(path), "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
 
 
 @torch.no_grad()
@@ -133,6 +163,8 @@ def train(args, log=print) -> dict:
     templates = tuple(args.templates) if args.templates else DEFAULT_TEMPLATES
     device = resolve_device(args.device)
     log(f"device: {device}")
+    teachers = load_heads(args.distill, args.image_width, device)      # checked before the long data step
+    init = load_heads([args.init], args.image_width, device)[0] if args.init else None
     net = load_efficientnet_lite(args.backbone).to(device, memory_format=torch.channels_last)
     t0 = time.perf_counter()
     vocab: list[str] = []
@@ -147,6 +179,9 @@ def train(args, log=print) -> dict:
     class_emb = embed_texts([CLASS_ALIASES.get(c.lower(), c) for c in names], templates, "cpu").to(device)
 
     head = LSegHead(hidden=args.hidden, out_dim=text_emb.shape[1]).to(device)
+    if init is not None:                                     # its decoder width wins over --hidden
+        head = LSegHead(**init.config).to(device)
+        head.load_state_dict(init.state_dict())
     opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
@@ -160,14 +195,20 @@ def train(args, log=print) -> dict:
     history = []
     for step in bar:
         idx = torch.from_numpy(rng.choice(len(train_set), args.batch, replace=False))
-        logits = cell_logits(head, train_set, idx, text_emb) / args.tau       # (B, V, gh, gw)
+        maps = batch_maps(train_set, idx, device)
+        emb = head(*maps)
+        logits = torch.einsum("bdhw,vd->bvhw", emb, text_emb) / args.tau       # (B, V, gh, gw)
         loss = F.cross_entropy(logits, train_set.targets[idx].to(device), ignore_index=-1)
+        rec = {"step": step + 1, "loss": round(loss.item(), 5)}
+        if teachers:
+            cos = (emb * ensemble_embedding(teachers, maps)).sum(1).mean()
+            loss = loss + args.distill_weight * (1 - cos)
+            rec["teacher_cos"] = round(cos.item(), 5)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        rec = {"step": step + 1, "loss": round(loss.item(), 5), "lr": round(sched.get_last_lr()[0], 7),
-               "s": round(time.perf_counter() - t1, 1)}
+        rec.update(lr=round(sched.get_last_lr()[0], 7), s=round(time.perf_counter() - t1, 1))
         if (step + 1) % args.val_every == 0 or step + 1 == args.steps:
             sc = closed_set_scores(head, val_set, class_emb, names)
             rec.update(val_miou=round(sc.miou, 4), val_macc=round(sc.macc, 4))
@@ -184,6 +225,9 @@ def train(args, log=print) -> dict:
         "backbone": args.backbone, "image_width": args.image_width, "templates": list(templates),
         "config": head.config, "tau": args.tau, "steps": args.steps, "batch": args.batch, "lr": args.lr,
         "weight_decay": args.weight_decay, "seed": args.seed,
+        "init": file_record(args.init) if args.init else None,
+        "distill": {"teachers": [file_record(p) for p in args.distill], "weight": args.distill_weight,
+                    "target": "normalised mean of the teachers' cell embeddings, cosine loss"} if args.distill else None,
         "data": {"generator": "geopurify_ros.data.text_frames (train preset, domain randomisation)",
                  "train_seeds": args.seeds, "val_seeds": args.val_seeds, "frames_per_room": args.frames,
                  "train_frames": len(train_set), "val_frames": len(val_set), "mirrored": True,
@@ -221,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--hidden", type=int, default=128, help="decoder channels")
     ap.add_argument("--image-width", type=int, default=448)
     ap.add_argument("--backbone", default="efficientnet-lite0")
+    ap.add_argument("--init", default="", help="start from this trained head checkpoint (same image width)")
+    ap.add_argument("--distill", nargs="*", default=[], metavar="HEAD",
+                    help="trained head checkpoints whose normalised mean embedding the head also learns to match")
+    ap.add_argument("--distill-weight", type=float, default=10.0,
+                    help="weight of the cosine distillation loss against the label cross-entropy")
     ap.add_argument("--templates", nargs="*", default=None, help="text templates (default: 'a photo of a {}.')")
     ap.add_argument("--labels", default=None, help="labels.yaml for validation scores (default config/labels.yaml)")
     ap.add_argument("--val-every", type=int, default=250)

@@ -32,6 +32,7 @@ class StudentConfig:
     feature_dim: int = 0          # D of the fused VLM features it is conditioned on; 0 = geometry-only student
     feature_proj: int = 16        # learned projection of the (L2-normalised) fused feature
     backend: str = ""             # feature backend the checkpoint was distilled with ("" = any: geometry-only)
+    feature_weights: str = ""     # that backend's `weights_digest()` ("" = not recorded: older checkpoints)
 
 
 def point_features(xyz: torch.Tensor, colors: torch.Tensor, neighbours: torch.Tensor,
@@ -227,6 +228,24 @@ class ConstantEmbedding(nn.Module):
         return xyz.new_ones(xyz.shape[0], 1)
 
 
+class FixedEmbedding(nn.Module):
+    """Ablation stand-in for a student: given per-voxel embeddings (N, E) of the map it will be called on, in its
+    voxel order (the teacher's own embeddings, or one-hot ground-truth labels as an oracle of perfect affinity)."""
+
+    receptive_hops = 0
+    uses_features = False
+
+    def __init__(self, embeddings: torch.Tensor):
+        super().__init__()
+        self.embeddings = embeddings.float()
+        self.embed_dim = embeddings.shape[1]
+
+    def forward(self, xyz, colors, neighbours, normals=None, curvature=None, edges=None):
+        if xyz.shape[0] != self.embeddings.shape[0]:
+            raise ValueError(f"FixedEmbedding: holds {self.embeddings.shape[0]} voxels, called on {xyz.shape[0]}")
+        return self.embeddings.to(xyz.device)
+
+
 def affinity(embeddings: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
     """Cosine affinity to each neighbour: (N,E), (N,K) -> (N,K), 0 at -1."""
     e = nn.functional.normalize(embeddings.float(), dim=1)
@@ -244,7 +263,8 @@ def shipped_checkpoint(backend: str | None) -> Path:
 
 
 def load_student(path: str | Path | None = None, device: str | torch.device = "cpu", backend: str | None = None,
-                 feature_dim: int | None = None, feature_basis: torch.Tensor | None = None) -> StudentAffinityNet:
+                 feature_dim: int | None = None, feature_basis: torch.Tensor | None = None,
+                 feature_weights: str | None = None) -> StudentAffinityNet:
     """Load a student checkpoint in eval mode.
 
     path None -> the shipped student for `backend` (`models/student_<backend>.pt`), or, when that backend has
@@ -252,11 +272,15 @@ def load_student(path: str | Path | None = None, device: str | torch.device = "c
     checkpoint must have been distilled on D = feature_dim features (else ValueError naming student_checkpoint).
     `feature_basis`: the backend's (T, D) basis (`FeatureBackend.feature_basis`); a student distilled on the T-d
     features is folded onto their D coordinates (exact, `StudentAffinityNet.fold_feature_basis`).
+    `feature_weights`: the backend's `weights_digest()`. A student that recorded another digest was distilled on
+    features from other weights (e.g. a retrained lseg head): its affinities would read the wrong coordinates,
+    so an explicit `path` is a ValueError, and the automatic choice (path None) falls back to the geometry-only
+    student with one warning.
     Raises FileNotFoundError if missing and ValueError if the file is not a valid student checkpoint.
     """
     p = Path(path) if path else shipped_checkpoint(backend)
     if path is None and backend and p == DEFAULT_CHECKPOINT:
-        _warn_once(backend)
+        _warn_once(backend, "no student is shipped for feature backend '{b}'")
     if not p.is_file():
         raise FileNotFoundError(f"student_checkpoint: {p} does not exist "
                                 f"(train one with `geopurify-train --out {p.parent}`)")
@@ -273,6 +297,14 @@ def load_student(path: str | Path | None = None, device: str | torch.device = "c
         net.load_state_dict(ckpt["state_dict"])
     except (KeyError, RuntimeError, TypeError) as exc:
         raise ValueError(f"student_checkpoint: {p} does not match StudentAffinityNet ({exc})") from exc
+    if feature_weights and cfg.feature_weights and cfg.feature_weights != feature_weights:
+        if path is None:
+            _warn_once(backend, "the shipped student for feature backend '{b}' was distilled on other weights "
+                                "than the configured feature_model's")
+            return load_student(DEFAULT_CHECKPOINT, device)
+        raise ValueError(f"student_checkpoint: {p} was distilled on features of other '{cfg.backend}' weights "
+                         f"(digest {cfg.feature_weights[:12]}, this backend's is {feature_weights[:12]}); train a "
+                         f"student for them (`geopurify-train --feature-backend {cfg.backend} --feature-model ...`)")
     if feature_basis is not None and cfg.feature_dim and cfg.feature_dim == feature_basis.shape[0]:
         net.fold_feature_basis(feature_basis)
         cfg = net.config
@@ -287,14 +319,14 @@ def load_student(path: str | Path | None = None, device: str | torch.device = "c
 _WARNED: set = set()
 
 
-def _warn_once(backend: str) -> None:
-    if backend in _WARNED:
+def _warn_once(backend: str, why: str) -> None:
+    if (backend, why) in _WARNED:
         return
-    _WARNED.add(backend)
+    _WARNED.add((backend, why))
     import warnings
 
-    warnings.warn(f"student_checkpoint: no student is shipped for feature backend '{backend}'; using the "
-                  f"geometry-only student ({DEFAULT_CHECKPOINT.name}). Train one from your own bags with "
+    warnings.warn(f"student_checkpoint: {why.format(b=backend)}; using the geometry-only student "
+                  f"({DEFAULT_CHECKPOINT.name}). Train one from your own bags with "
                   f"`geopurify-train --feature-backend {backend} --data BAG ...` (README)", stacklevel=3)
 
 

@@ -21,6 +21,8 @@ from torch import nn
 from .geometry import VoxelGrid, colors_float, edge_list, normals_curvature
 from .student import EdgeRound, N_POINT_FEATURES, edge_features, point_features
 
+DEFAULT_TEACHER = Path(__file__).resolve().parent.parent / "models" / "teacher.pt"    # the shipped teacher
+
 
 class Teacher(Protocol):
     embed_dim: int

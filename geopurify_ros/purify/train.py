@@ -256,7 +256,7 @@ def crop_scene(sc: DistillScene, half: float, rng: np.random.Generator, min_voxe
 
 
 def train_student(cfg: TrainConfig, scenes: list[DistillScene], log: list, feature_dim: int = 0,
-                  backend: str = "") -> StudentAffinityNet:
+                  backend: str = "", feature_weights: str = "") -> StudentAffinityNet:
     """Stage 2: InfoNCE distillation of the teacher into the student (+ an affinity-calibration term).
 
     Per step: a crop of one scene; `anchors` anchor voxels; negatives = `neg_random` random voxels of the crop
@@ -268,7 +268,8 @@ def train_student(cfg: TrainConfig, scenes: list[DistillScene], log: list, featu
     torch.manual_seed(cfg.seed + 1)
     rng = np.random.default_rng(cfg.seed + 1)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    net = StudentAffinityNet(StudentConfig(voxel_size=cfg.voxel_size, feature_dim=feature_dim, backend=backend))
+    net = StudentAffinityNet(StudentConfig(voxel_size=cfg.voxel_size, feature_dim=feature_dim, backend=backend,
+                                           feature_weights=feature_weights))
     t_dim = scenes[0].teacher.shape[1]
     head = torch.nn.Linear(net.embed_dim, t_dim)
     params = list(net.parameters()) + list(head.parameters())
@@ -320,9 +321,9 @@ def _summary(log: list, stage: str) -> dict:
     return out
 
 
-def fuse_recordings(cfg: TrainConfig, out: Path) -> list[tuple[object, str]]:
+def fuse_recordings(cfg: TrainConfig, out: Path) -> tuple[list[tuple[object, str]], str]:
     """Fuse every --data recording with the configured feature backend (what the node would map; cached in
-    <out>/fused/); returns [(VoxelMap, description)]. Labels are never read."""
+    <out>/fused/); returns ([(VoxelMap, description)], the backend's `weights_digest()`). Labels are never read."""
     from ..config import PipelineConfig, load_ros_params
     from ..eval.ablation import fuse_recording, fused_map_path, fusion_fingerprint
     from ..pipeline import MappingPipeline
@@ -351,29 +352,29 @@ def fuse_recordings(cfg: TrainConfig, out: Path) -> list[tuple[object, str]]:
             fuse_recording(Path(d), pipe, params).save(path)
         vm = VoxelMap.load(path)
         maps.append((vm, f"fused:{d} ({pipe.backend.name}, D={pipe.backend.dim}, {len(vm)} voxels, labels unused)"))
-    return maps
+    return maps, pipe.backend.weights_digest()
 
 
-def distill_scenes(cfg: TrainConfig, teacher, out: Path, clouds_fn) -> tuple[list[DistillScene], int, str]:
+def distill_scenes(cfg: TrainConfig, teacher, out: Path, clouds_fn) -> tuple[list[DistillScene], int, str, str]:
     """Stage-2 scenes with teacher embeddings: fused maps of the recordings (feature-conditioned student) or
-    voxelised training clouds (geometry-only student). Returns (scenes, D, backend)."""
+    voxelised training clouds (geometry-only student). Returns (scenes, D, backend, its weights digest)."""
     scenes = []
     if cfg.feature_backend:
-        maps = fuse_recordings(cfg, out)
+        maps, digest = fuse_recordings(cfg, out)
         if not maps:
             raise ValueError("data: a feature-conditioned student needs recordings (--data DIR)")
         for vm, name in maps:
             with torch.no_grad():
                 t = teacher.embed(vm.xyz.float(), vm.colors)
             scenes.append(DistillScene(vm.xyz.float(), vm.colors, vm.features, t, name))
-        return scenes, int(maps[0][0].features.shape[1]), cfg.feature_backend
+        return scenes, int(maps[0][0].features.shape[1]), cfg.feature_backend, digest
     rng = np.random.default_rng(cfg.seed)
     for p, c, name in clouds_fn():
         v = make_view(p, c, p[:, :2].mean(0), 1e9, cfg.voxel_size, rng, augment=False)
         with torch.no_grad():
             t = teacher.embed(v.xyz, v.colors)
         scenes.append(DistillScene(v.xyz, v.colors, None, t, name))
-    return scenes, 0, ""
+    return scenes, 0, "", ""
 
 
 def run(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
@@ -402,8 +403,8 @@ def run(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
         teacher.save(out / "teacher.pt", {"config": asdict(cfg)})
         teacher_desc = "SSLTeacher trained here (stage 1), saved as teacher.pt"
     t1 = time.time()
-    scenes, dim, backend = distill_scenes(cfg, teacher, out, clouds_fn)
-    student = train_student(cfg, scenes, log, dim, backend)
+    scenes, dim, backend, digest = distill_scenes(cfg, teacher, out, clouds_fn)
+    student = train_student(cfg, scenes, log, dim, backend, digest)
     t2 = time.time()
     record = {
         "command": "geopurify-train " + " ".join(argv if argv is not None else sys.argv[1:]),
