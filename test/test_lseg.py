@@ -1,4 +1,5 @@
 """The lseg backend (text-aligned dense head, the offline default): shipped checkpoint, offline loading, labels."""
+import hashlib
 import json
 import os
 import subprocess
@@ -152,6 +153,28 @@ def test_subspace_map_fuses_pools_and_labels_like_the_384d_map(backends, demo, t
         sub.load(tmp_path / "full.pt")
 
 
+def test_shipped_student_goes_with_the_shipped_head_only(backends, tmp_path):
+    """The shipped lseg student was distilled on the shipped head's features (its recorded digest is the backend's,
+    in 129-d coordinates or 384-d). A retrained head keeps D = 129 but other coordinates: the pipeline then falls
+    back to the geometry-only student with a warning, and the shipped student named explicitly is refused."""
+    from geopurify_ros.purify.student import DEFAULT_CHECKPOINT as GEOMETRY_ONLY, load_student, shipped_checkpoint
+
+    lseg, lseg384 = backends
+    assert load_student(backend="lseg").config.feature_weights == lseg.weights_digest() == lseg384.weights_digest()
+    head, meta = load_head()
+    with torch.no_grad():
+        head.out.bias.add_(0.01)
+    other = tmp_path / "retrained.pt"
+    torch.save({"config": head.config, "state_dict": head.state_dict(), "meta": meta}, other)
+    with pytest.warns(UserWarning, match="student_checkpoint: the shipped student .* other weights"):
+        pipe = MappingPipeline(PipelineConfig(device="cpu", feature_backend="lseg", feature_model=str(other)))
+    assert pipe.backend.dim == lseg.dim and not pipe.purifier.student.uses_features
+    with pytest.raises(ValueError, match="student_checkpoint: .*distilled on features of other 'lseg' weights"):
+        MappingPipeline(PipelineConfig(device="cpu", feature_backend="lseg", feature_model=str(other),
+                                       student_checkpoint=str(shipped_checkpoint("lseg"))))
+    assert shipped_checkpoint("lseg") != GEOMETRY_ONLY
+
+
 def test_bad_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="feature_model"):
         load_head(tmp_path / "missing.pt")
@@ -184,6 +207,32 @@ def test_train_features_cli_writes_a_loadable_head_and_its_record(tmp_path):
     backend = make_backend("lseg", device="cpu", model=str(out / "lseg_head.pt"))
     f = backend.encode_image(np.zeros((120, 160, 3), np.uint8))
     assert f.shape[-1] == backend.dim == 129 and torch.allclose(f.norm(dim=-1), torch.ones(f.shape[:2]), atol=1e-4)
+
+
+def test_train_features_distils_from_trained_heads(tmp_path, capsys):
+    """--init / --distill: a head started from a teacher and never moved (lr 0) matches the teachers' mean exactly;
+    the record names each teacher by hash; a teacher trained at another input width is refused."""
+    from geopurify_ros.features.train_lseg import main
+
+    common = ["--seeds", "1000", "--val-seeds", "1001", "--frames", "2", "--batch", "2", "--val-every", "2",
+              "--image-width", "160", "--device", "cpu", "--no-progress"]
+    assert main(["--out", str(tmp_path / "a"), "--steps", "2"] + common) == 0
+    teacher = tmp_path / "a" / "lseg_head.pt"
+    out = tmp_path / "b"
+    assert main(["--out", str(out), "--steps", "2", "--lr", "0", "--init", str(teacher),
+                 "--distill", str(teacher), str(teacher)] + common) == 0
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["teacher_cos"] for r in log] == pytest.approx([1.0, 1.0], abs=1e-5)
+    for a, b in zip(load_head(teacher)[0].state_dict().values(), load_head(out / "lseg_head.pt")[0].state_dict().values()):
+        assert torch.equal(a, b)
+    record = json.loads((out / "lseg_head.json").read_text())
+    digest = hashlib.sha256(teacher.read_bytes()).hexdigest()
+    assert [t["sha256"] for t in record["distill"]["teachers"]] == [digest, digest]
+    assert record["init"]["sha256"] == digest
+    capsys.readouterr()
+    assert main(["--out", str(out), "--steps", "1", "--distill", str(teacher)] + common[:-5] +
+                ["--image-width", "192", "--device", "cpu", "--no-progress"]) == 2
+    assert "image width" in capsys.readouterr().err
 
 
 def test_train_features_refuses_evaluation_seeds_and_missing_cuda(tmp_path, capsys):
