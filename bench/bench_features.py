@@ -23,6 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from geopurify_ros.features import make_backend  # noqa: E402
+from geopurify_ros.node import heap  # noqa: E402
 from geopurify_ros.query import TextScorer  # noqa: E402
 
 TARGET_MS = {"lseg": 60.0, "conse": 120.0}
@@ -64,7 +65,8 @@ def run_rewrites_ab(args) -> None:
 # speed
 def run_speed(args) -> None:
     """Round-robin over backends (one frame each per round) so that load spikes from other processes hit all
-    of them alike; report min and median ms per 640×480 frame."""
+    of them alike; report min and median ms per 640×480 frame (wall), and the median CPU time of the calling
+    thread (on 1 thread: the work itself, without the time the host gave to others)."""
     configs = [("lseg", {}), ("lseg", {"image_width": 320}), ("conse", {}), ("conse", {"image_width": 320}), ("conse", {"image_width": 640}),
                ("conse", {"scales": (1.0, 1.5)}), ("conse", {"upsample": 2}),
                ("conse", {"model": "efficientnet-lite2"}),
@@ -80,22 +82,24 @@ def run_speed(args) -> None:
             print(f"{name:9s} {str(opts):38s} unavailable: {str(exc).splitlines()[0][:100]}")
             continue
         b.encode_image(img)                                        # warm-up (allocations, thread pool)
-        live.append((name, opts, b, []))
+        live.append((name, opts, b, [], []))
     for _ in range(args.frames):
-        for name, opts, b, ts in live:
+        for name, opts, b, ts, cpu in live:
             if b.device.type == "cuda":
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             b.encode_image(img)
             if b.device.type == "cuda":
                 torch.cuda.synchronize()
             ts.append((time.perf_counter() - t0) * 1e3)
-    for name, opts, b, ts in live:
+            cpu.append((time.thread_time() - c0) * 1e3)
+    for name, opts, b, ts, cpu in live:
         h, w, d = b.encode_image(img).shape
         mn, med = float(np.min(ts)), float(np.median(ts))
         tgt = TARGET_MS.get(name)
         ratio = f"  {mn / tgt:.2f}× target ({tgt:.0f} ms)" if tgt else ""
-        print(f"{name:9s} {str(opts):38s} min {mn:7.1f} ms  median {med:7.1f} ms  out {h}×{w}×{d}{ratio}")
+        print(f"{name:9s} {str(opts):38s} min {mn:7.1f} ms  median {med:7.1f} ms  (thread CPU median "
+              f"{float(np.median(cpu)):6.1f})  out {h}×{w}×{d}{ratio}")
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
@@ -309,6 +313,7 @@ def main(argv=None) -> None:
                     help="paired A/B of the inference rewrites (in-place ReLU6, 1x1 convs as GEMMs), --frames pairs")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    heap.configure()        # the node's heap settings: a frame costs here what it costs in the node
     if args.ab_rewrites:
         run_rewrites_ab(args)
     elif args.quality:

@@ -16,6 +16,7 @@ import torch
 
 from geopurify_ros.camera import CameraModel, pose_to_matrix
 from geopurify_ros.features.lseg import feature_basis
+from geopurify_ros.node import heap
 from geopurify_ros.voxel_map import VoxelMap
 
 TARGET_MS = 15.0
@@ -75,6 +76,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    heap.configure()        # the node's heap settings: a frame costs here what it costs in the node
     dim = args.dim or feature_basis().shape[1]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

@@ -16,6 +16,7 @@ import time
 import torch
 
 from geopurify_ros.features import make_backend
+from geopurify_ros.node import heap
 from geopurify_ros.purify.purifier import Purifier, PurifyConfig
 from geopurify_ros.purify.scenes import large_scene
 from geopurify_ros.purify.student import DEFAULT_CHECKPOINT, StudentAffinityNet, load_student
@@ -57,6 +58,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threshold", type=float, default=PurifyConfig.affinity_threshold)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    heap.configure()        # the node's heap settings: a pass costs here what it costs in the node
     basis = None
     if not a.dim:
         backend = make_backend(a.backend, device="cpu")

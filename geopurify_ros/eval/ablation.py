@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..cache import cache_dir
+from ..node import heap
 from . import EvalError
 
 
@@ -324,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                          "the teacher's embeddings vs. ground-truth affinities)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
+    heap.configure()            # the node's heap settings (no per-frame page faults while fusing)
     try:
         doc = run_ablation(parse_seeds(a.seeds), a.params if Path(a.params).is_file() else None, a.labels,
                            Path(a.out), a.student_checkpoint, sweep=a.sweep)

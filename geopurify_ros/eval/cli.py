@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .. import config
+from ..node import heap
 from . import EvalError
 
 MIN_OVERLAP = 0.05   # below this fraction of matched GT points the map and GT are almost surely misaligned
@@ -324,6 +325,7 @@ def print_summary(out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    heap.configure()            # the node's heap settings: frames cost what they cost in the node
     try:
         out = run(args)
     except EvalError as exc:

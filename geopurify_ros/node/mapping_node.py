@@ -478,7 +478,7 @@ def _startup_error(message: str, status: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the node; exit status 0 on a clean stop (SIGINT/SIGTERM), 2 on a bad parameter / argument, 1 on
     another startup failure (e.g. a missing checkpoint)."""
-    heap.fix_mmap_threshold()              # before the big allocations: keeps RSS flat over long runs
+    heap.configure()                       # before the big allocations: flat RSS, no per-frame page faults
     stop = _StopSignals()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop)
