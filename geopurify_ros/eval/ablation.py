@@ -163,7 +163,7 @@ def ceiling_embeddings(vmap, gt_xyz: np.ndarray, gt_labels: np.ndarray, n_classe
 
     xyz = vmap.xyz.float().cpu()
     dist, idx = cKDTree(gt_xyz).query(xyz.numpy(), k=1)
-    lab = gt_labels[np.minimum(idx, len(gt_labels) - 1)]
+    lab = gt_labels[idx]                                     # k=1 without a bound: every query has a nearest point
     lab = np.where((dist <= radius) & (lab >= 0) & (lab < n_classes), lab, n_classes)
     with torch.no_grad():
         teacher = torch.nn.functional.normalize(load_teacher(DEFAULT_TEACHER).embed(xyz, vmap.colors.cpu()).float(), dim=1)

@@ -178,8 +178,9 @@ def train(args, log=print) -> dict:
     from ..query import CLASS_ALIASES
     class_emb = embed_texts([CLASS_ALIASES.get(c.lower(), c) for c in names], templates, "cpu").to(device)
 
-    head = LSegHead(hidden=args.hidden, out_dim=text_emb.shape[1]).to(device)
-    if init is not None:                                     # its decoder width wins over --hidden
+    if init is None:
+        head = LSegHead(hidden=args.hidden, out_dim=text_emb.shape[1]).to(device)
+    else:                                                    # its decoder width wins over --hidden
         head = LSegHead(**init.config).to(device)
         head.load_state_dict(init.state_dict())
     opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
