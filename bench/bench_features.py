@@ -67,7 +67,7 @@ def run_speed(args) -> None:
     """Round-robin over backends (one frame each per round) so that load spikes from other processes hit all
     of them alike; report min and median ms per 640×480 frame (wall), and the median CPU time of the calling
     thread (on 1 thread: the work itself, without the time the host gave to others)."""
-    configs = [("lseg", {}), ("lseg", {"image_width": 320}), ("conse", {}), ("conse", {"image_width": 320}), ("conse", {"image_width": 640}),
+    configs = [("lseg", {}), ("lseg", {"compile": True}), ("lseg", {"image_width": 320}), ("conse", {}), ("conse", {"image_width": 320}), ("conse", {"image_width": 640}),
                ("conse", {"scales": (1.0, 1.5)}), ("conse", {"upsample": 2}),
                ("conse", {"model": "efficientnet-lite2"}),
                ("open_clip", {"model": "ViT-B-16", "pretrained": args.open_clip_pretrained})]
@@ -81,7 +81,12 @@ def run_speed(args) -> None:
         except (ImportError, ValueError) as exc:
             print(f"{name:9s} {str(opts):38s} unavailable: {str(exc).splitlines()[0][:100]}")
             continue
+        t0 = time.perf_counter()
         b.encode_image(img)                                        # warm-up (allocations, thread pool)
+        if opts.get("compile"):                                    # feature_compile: wait for the background build
+            ok = b.encoder.wait()
+            print(f"{name:9s} {str(opts):38s} compiled in {time.perf_counter() - t0:.0f} s"
+                  + ("" if ok else f": failed ({b.encoder.error}), measured eager"))
         live.append((name, opts, b, [], []))
     for _ in range(args.frames):
         for name, opts, b, ts, cpu in live:

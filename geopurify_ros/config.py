@@ -58,6 +58,7 @@ class PipelineConfig(ParamConfig):
     feature_model: str = ""                 # backend-specific model name ("" = backend default)
     feature_pretrained: str = ""            # open_clip pretrained tag or checkpoint path
     feature_image_width: int = 0            # resize colour to this width before encoding (0 = backend default)
+    feature_compile: bool = False           # lseg: torch.compile the encoder in the background (features/compiled.py)
     # Voxel map and fusion
     voxel_size: float = 0.05
     max_voxels: int = 500_000

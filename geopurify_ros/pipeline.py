@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -98,6 +99,12 @@ class MappingPipeline:
             opts["pretrained"] = self.config.feature_pretrained
         if self.config.feature_image_width:
             opts["image_width"] = self.config.feature_image_width
+        if self.config.feature_compile:
+            if (self.config.feature_backend or "lseg").strip().lower() == "lseg":
+                opts["compile"] = True
+            else:
+                warnings.warn(f"feature_compile: only the lseg backend compiles its encoder; ignored for "
+                              f"'{self.config.feature_backend}'", RuntimeWarning, stacklevel=2)
         return opts
 
     def _purify_config(self) -> PurifyConfig:

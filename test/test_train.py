@@ -32,6 +32,17 @@ def test_pretrain_writes_a_reproducible_record_and_a_loadable_teacher(tmp_path, 
     assert pretrain_main(["--out", str(tmp_path / "x"), "--first-seed", "5"]) == 2   # evaluation seeds refused
 
 
+def test_pretrain_fine_tunes_a_teacher_with_segment_contrast(tmp_path, one_thread):
+    pretrain(PretrainConfig(out=str(tmp_path / "a"), rooms=1, steps=1, crop=0.8), [], progress=False)
+    rec = pretrain(PretrainConfig(out=str(tmp_path / "b"), rooms=1, steps=3, crop=0.8, lr=0.0,
+                                  init=str(tmp_path / "a" / "teacher.pt"), segment_weight=1.0), [], progress=False)
+    assert rec["config"]["init"].endswith("teacher.pt") and rec["labels_used"] is False
+    assert "seg" in rec["final"] and rec["final"]["seg"] > 0
+    a, b = load_teacher(tmp_path / "a" / "teacher.pt"), load_teacher(tmp_path / "b" / "teacher.pt")
+    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):   # lr 0: started from --init, unchanged
+        assert torch.equal(x, y), k
+
+
 def test_geopurify_train_feature_conditioned_end_to_end(tmp_path, one_thread):
     from geopurify_ros.purify.train import main
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..device import resolve_device
 from .base import FeatureBackend, check_image, check_texts, module_digest
+from .compiled import BackgroundCompiled
 from .conse import (MiniLMText, for_inference, load_efficientnet_lite, network_input_size, normalise_for_lite,
                     shared_text_encoder)
 
@@ -46,6 +47,17 @@ def backbone_endpoints(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, t
         outs[int(H) // int(h.shape[-2])] = h               # later blocks at the same stride overwrite earlier ones
     head = net._swish(net._bn1(net._conv_head(h)))
     return outs[8], outs[16], head
+
+
+class LSegEncoder(nn.Module):
+    """Trunk + head as one module: normalised (1, 3, H, W) → (1, D, H/8, W/8) (what `torch.compile` wraps)."""
+
+    def __init__(self, net: nn.Module, head: nn.Module):
+        super().__init__()
+        self.net, self.head = net, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(*backbone_endpoints(self.net, x))
 
 
 class _SepConv(nn.Sequential):
@@ -122,14 +134,16 @@ class LSegBackend(FeatureBackend):
     ``subspace`` (default True): emit coordinates in the head's output span (`feature_basis`, D = 129 for the
     shipped head; `LSegHead.fold_output_basis`) instead of 384-d text-space vectors. Every norm and text score is
     unchanged (text embeddings are mapped by Qᵀ, see `FeatureBackend`), and so is every running mean the map
-    stores, while fusion, map memory and GeoPurify pooling handle 3× fewer channels.
+    stores, while fusion, map memory and GeoPurify pooling handle 3× fewer channels. ``compile`` (default False):
+    `torch.compile` the encoder in a background thread (`compiled.BackgroundCompiled`; frames stay eager until
+    it is ready or if it fails).
     """
 
     name = "lseg"
     stride = 8
 
     def __init__(self, device: str | torch.device = "auto", model: str = "", image_width: int = 0,
-                 pretrained: str = "", subspace: bool = True):
+                 pretrained: str = "", subspace: bool = True, compile: bool = False):
         self.device = device if isinstance(device, torch.device) else resolve_device(str(device))
         head, meta = load_head(model or None)
         text_dim = MiniLMText.dim
@@ -146,6 +160,7 @@ class LSegBackend(FeatureBackend):
         self.feature_basis = head.fold_output_basis().float().to(self.device) if subspace else None
         self.dim = text_dim if self.feature_basis is None else self.feature_basis.shape[1]
         self.head = for_inference(head).to(self.device, memory_format=torch.channels_last)
+        self.encoder = BackgroundCompiled(LSegEncoder(self.net, self.head), enabled=compile)
         self._text_device = str(self.device)
         self._lock = threading.Lock()
 
@@ -164,6 +179,6 @@ class LSegBackend(FeatureBackend):
         rgb = check_image(rgb)
         size = network_input_size(rgb.shape[0], rgb.shape[1], self.image_width)
         with self._lock, torch.inference_mode():
-            feats = self.head(*backbone_endpoints(self.net, normalise_for_lite(rgb, size, self.device)))
+            feats = self.encoder(normalise_for_lite(rgb, size, self.device))
             out = feats[0].permute(1, 2, 0).contiguous()
         return out.clone()

@@ -100,6 +100,8 @@ _PIPELINE_DOC = {
     "feature_model": ("Backend-specific model name ('' = backend default)", None),
     "feature_pretrained": ("open_clip pretrained tag or checkpoint path", None),
     "feature_image_width": ("Resize colour to this width before encoding (0 = backend default)", (0, 4096)),
+    "feature_compile": ("lseg: torch.compile the image encoder in a background thread (~15 % faster per frame on "
+                        "CPU once built; needs a C++ compiler; eager until ready or if it fails)", None),
     "voxel_size": ("Voxel edge length [m]", (0.005, 1.0)),
     "max_voxels": ("Voxel budget; beyond it voxels are evicted", (1, 50_000_000)),
     "eviction": ("Eviction policy when the budget is full: farthest | lru", None),

@@ -9,6 +9,12 @@ come from geometry and context); symmetric InfoNCE between the embeddings of the
 cells and the 45 cm cells that hold the same source points, negatives nearer than a per-level exclusion
 radius masked out.
 
+Optional **segment contrast** (`--segment-weight`): at the fine level, voxels of the same label-free surface segment
+(`segments.surface_segments`: normals, tangent planes and colour of the un-augmented cloud) are positives across the
+two views and voxels of other segments, including one right across the segment border, are negatives. It asks the
+fine embedding for what pooling needs and the objective above never asks for: two voxels 5 cm apart on different
+surfaces must differ. `--init` fine-tunes a teacher instead of starting from scratch.
+
 Runs in the background with periodic checkpoints: `<out>/teacher.pt` (latest), `<out>/teacher.json`
 (command, data, seeds, metrics so far) and `<out>/pretrain_log.jsonl`; `--minutes` bounds the wall time.
 """
@@ -24,8 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .geometry import VoxelGrid
 from .rooms import check_training_seed, room_cloud
-from .teacher import MultiScaleTeacher, MultiScaleTeacherConfig
+from .segments import point_segments
+from .teacher import MultiScaleTeacher, MultiScaleTeacherConfig, load_teacher
 from .train import info_nce, make_view
 
 
@@ -50,6 +58,9 @@ class PretrainConfig:
     embed_dim: int = 64
     density: float = 1000.0              # surface samples per m^2
     rooms_list: list = field(default_factory=list)
+    init: str = ""                       # teacher checkpoint to fine-tune ("" = from scratch)
+    segment_weight: float = 0.0          # weight of the fine-level segment contrast (0 = off)
+    segment_pairs: int = 1024            # anchors per step, half of them on segment borders
 
 
 def _complementary_colour_masks(va, vb, cell: float, rng: np.random.Generator) -> None:
@@ -86,6 +97,49 @@ def _level_pos(v, parents, level: int) -> torch.Tensor:
     return pos
 
 
+def segment_nce(za: torch.Tensor, zb: torch.Tensor, va, vb, seg: np.ndarray, border: np.ndarray, both: np.ndarray,
+                n: int, temperature: float, voxel_size: float, rng: np.random.Generator) -> tuple[torch.Tensor, float]:
+    """Fine-level segment contrast between views A and B (module docstring); (loss, top-1 of the positive).
+
+    Anchors: n source points seen by both views, half on segment borders; positive: the B-view voxel of a random
+    point of the anchor's segment; negatives: the other anchors' positives from other segments (same-segment ones
+    are masked) plus, for border anchors, an A-view 26-neighbour voxel of another segment."""
+    cand = both[seg[both] >= 0]
+    if cand.size < 64:
+        return za.new_zeros(()), float("nan")
+    on_border = cand[border[cand]]
+    k = min(n // 2, on_border.size)
+    anchors = np.concatenate([rng.choice(on_border, k, replace=False) if k else on_border[:0],
+                              rng.choice(cand, n - k, replace=cand.size < n - k)])
+    order = cand[np.argsort(seg[cand], kind="stable")]
+    sseg = seg[order]
+    lo, hi = np.searchsorted(sseg, seg[anchors], "left"), np.searchsorted(sseg, seg[anchors], "right")
+    partner = order[lo + (rng.random(anchors.size) * (hi - lo)).astype(np.int64)]
+    ia, ib = torch.from_numpy(va.voxel_of[anchors]), torch.from_numpy(vb.voxel_of[partner])
+    ea, eb = za[ia], zb[ib]
+    sa = torch.from_numpy(seg[anchors])
+    logits = (ea @ eb.T) / temperature
+    same = sa[:, None] == sa[None, :]
+    same.fill_diagonal_(False)
+    logits = logits.masked_fill(same, float("-inf"))
+    # hard negative: an A-view neighbour voxel of another (trusted) segment
+    vseg = np.full(za.shape[0], -1, np.int64)
+    seen = va.voxel_of >= 0
+    vseg[va.voxel_of[seen]] = seg[seen]
+    vseg = torch.from_numpy(vseg)
+    nb = VoxelGrid(va.xyz, voxel_size).neighbours()[ia]                   # (n, 26)
+    nseg = torch.where(nb >= 0, vseg[nb.clamp(min=0)], -1)
+    other = (nseg >= 0) & (nseg != sa[:, None])
+    pick = (torch.rand(other.shape) * other).argmax(1)
+    j = nb.gather(1, pick[:, None]).squeeze(1)
+    hard = ((ea * za[j.clamp(min=0)]).sum(1) / temperature).masked_fill(~other.any(1), float("-inf"))
+    logits = torch.cat([logits, hard[:, None]], 1)
+    target = torch.arange(anchors.size)
+    with torch.no_grad():
+        top1 = float((logits.argmax(1) == target).float().mean())
+    return torch.nn.functional.cross_entropy(logits, target), top1
+
+
 def pretrain(cfg: PretrainConfig, argv: list[str] | None = None, progress: bool = True) -> dict:
     torch.set_num_threads(max(1, cfg.threads))
     torch.manual_seed(cfg.seed)
@@ -97,9 +151,15 @@ def pretrain(cfg: PretrainConfig, argv: list[str] | None = None, progress: bool 
     clouds = []
     for s in seeds:
         xyz, rgb, _ = room_cloud(s, density=cfg.density)        # labels dropped here: self-supervised
-        clouds.append((xyz, rgb))
+        segs = point_segments(xyz, rgb, MultiScaleTeacherConfig.voxel_size) if cfg.segment_weight > 0 else None
+        clouds.append((xyz, rgb, segs))
     t_data = time.time() - t0
-    net = MultiScaleTeacher(MultiScaleTeacherConfig(widths=tuple(cfg.widths), embed_dim=cfg.embed_dim))
+    if cfg.init:
+        net = load_teacher(cfg.init).train()
+        if not isinstance(net, MultiScaleTeacher):
+            raise ValueError(f"init: {cfg.init} is not a multi-scale teacher checkpoint")
+    else:
+        net = MultiScaleTeacher(MultiScaleTeacherConfig(widths=tuple(cfg.widths), embed_dim=cfg.embed_dim))
     levels = len(net.config.widths)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     log: list = []
@@ -115,7 +175,7 @@ def pretrain(cfg: PretrainConfig, argv: list[str] | None = None, progress: bool 
     for step in range(cfg.steps):
         if time.time() > deadline:
             break
-        xyz, rgb = clouds[rng.integers(len(clouds))]
+        xyz, rgb, segs = clouds[rng.integers(len(clouds))]
         centre = xyz[rng.integers(xyz.shape[0]), :2]
         va = make_view(xyz, rgb, centre, cfg.crop, net.config.voxel_size, rng)
         vb = make_view(xyz, rgb, centre, cfg.crop, net.config.voxel_size, rng)
@@ -138,6 +198,11 @@ def pretrain(cfg: PretrainConfig, argv: list[str] | None = None, progress: bool 
             with torch.no_grad():
                 top1 = float(((za[lv][ia] @ zb[lv][ib].T).argmax(1) == torch.arange(ia.numel())).float().mean())
             parts[f"nce{lv}"], parts[f"top1_{lv}"] = li.item(), top1
+        if segs is not None:
+            ls, top1 = segment_nce(za[0], zb[0], va, vb, *segs, both, cfg.segment_pairs, cfg.temperature,
+                                   net.config.voxel_size, rng)
+            loss = loss + cfg.segment_weight * ls
+            parts["seg"], parts["top1_seg"] = ls.item(), top1
         # cosine schedule over whichever bound (steps or wall time) comes first, 5 % linear warm-up
         frac = min(max(step / max(cfg.steps, 1), (time.time() - t_train) / max(deadline - t_train, 1e-9)), 1.0)
         for g in opt.param_groups:
@@ -186,11 +251,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mask-cell", type=float, default=d.mask_cell)
     ap.add_argument("--save-every", type=int, default=d.save_every)
     ap.add_argument("--threads", type=int, default=d.threads)
+    ap.add_argument("--init", default=d.init, help="teacher checkpoint to fine-tune (default: train from scratch)")
+    ap.add_argument("--segment-weight", type=float, default=d.segment_weight,
+                    help="weight of the fine-level segment contrast (0 = off; see the module docstring)")
     a = ap.parse_args(argv)
     try:
         cfg = PretrainConfig(out=a.out, rooms=a.rooms, first_seed=check_training_seed(a.first_seed), steps=a.steps,
                              minutes=a.minutes, seed=a.seed, crop=a.crop, lr=a.lr, mask_cell=a.mask_cell,
-                             save_every=a.save_every, threads=a.threads)
+                             save_every=a.save_every, threads=a.threads, init=a.init,
+                             segment_weight=a.segment_weight)
     except ValueError as exc:
         print(f"geopurify-pretrain-teacher: error: {exc}", file=sys.stderr)
         return 2
