@@ -369,6 +369,7 @@ class MappingPipeline:
             "frames_fused": s.frames_fused, "purify_runs": s.purify_runs, "last_features_ms": s.last_features_ms,
             "last_fuse_ms": s.last_fuse_ms, "last_purify_ms": s.last_purify_ms,
             "device": str(self.device), "backend": self.backend.name,
+            "feature_compile": getattr(getattr(self.backend, "encoder", None), "status", "off"),
         }
 
 

@@ -33,6 +33,17 @@ class BackgroundCompiled:
     def ready(self) -> bool:
         return self._ready.is_set()
 
+    @property
+    def status(self) -> str:
+        """off | waiting (for the first frame) | building | ready | failed: <reason> (reported on /diagnostics)."""
+        if not self.enabled:
+            return "off"
+        if self.error is not None:
+            return f"failed: {self.error}"
+        if self.ready:
+            return "ready"
+        return "waiting" if self.shape is None else "building"
+
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the compiled version is ready (or compiling failed); True when it is ready."""
         if self._thread is not None:
