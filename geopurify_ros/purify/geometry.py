@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import torch
 
 _BITS = 21                      # bits per axis in a packed voxel key (±1M voxels = ±52 km at 5 cm)
@@ -180,6 +181,14 @@ def local_table(neighbours_global: torch.Tensor, subset: torch.Tensor, n: int) -
     remap[subset] = torch.arange(subset.numel(), device=subset.device)
     nb = neighbours_global
     return torch.where(nb >= 0, remap[nb.clamp(min=0)], torch.full_like(nb, -1))
+
+
+def voxel_means(x: np.ndarray, inv: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per-voxel mean (M, C) float64 of per-point rows x (N, C), given each point's voxel `inv` (N,) and the voxels'
+    point counts (M,) (`np.unique(..., return_inverse=True, return_counts=True)` of the voxel coordinates)."""
+    out = np.zeros((counts.shape[0], x.shape[1]))
+    np.add.at(out, inv, x)
+    return out / counts[:, None]
 
 
 def colors_float(colors: torch.Tensor) -> torch.Tensor:

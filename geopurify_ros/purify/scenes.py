@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .geometry import voxel_means
+
 
 @dataclass
 class Scene:
@@ -26,13 +28,7 @@ def voxelize(points: np.ndarray, colors: np.ndarray, ids: np.ndarray, kinds: np.
     ijk = np.floor((points - off) / voxel_size).astype(np.int64)
     _, inv, cnt = np.unique(ijk, axis=0, return_inverse=True, return_counts=True)
     inv = inv.reshape(-1)
-    m = cnt.shape[0]
-    xyz = np.zeros((m, 3))
-    col = np.zeros((m, 3))
-    np.add.at(xyz, inv, points)
-    np.add.at(col, inv, colors.astype(np.float64))
-    xyz /= cnt[:, None]
-    col /= cnt[:, None]
+    xyz, col = voxel_means(points, inv, cnt), voxel_means(colors.astype(np.float64), inv, cnt)
     # majority id per voxel: count (voxel, id) pairs, keep the most frequent id per voxel
     key = inv.astype(np.int64) * (ids.max() + 1) + ids
     uk, kc = np.unique(key, return_counts=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .geometry import VoxelGrid, colors_float, edge_list, normals_curvature
+from .geometry import VoxelGrid, colors_float, edge_list, normals_curvature, voxel_means
 
 
 def surface_segments(xyz: torch.Tensor, colors: torch.Tensor, voxel_size: float, normal_dot: float = 0.95,
@@ -63,9 +63,7 @@ def point_segments(points: np.ndarray, colors: np.ndarray, voxel_size: float, **
     inv = inv.reshape(-1)
 
     def mean(x):
-        out = np.zeros((cnt.size, x.shape[1]))
-        np.add.at(out, inv, x)
-        return torch.from_numpy((out / cnt[:, None]).astype(np.float32))
+        return torch.from_numpy(voxel_means(x, inv, cnt).astype(np.float32))
 
     seg, border = surface_segments(mean(points), mean(colors.astype(np.float64) / 255.0), voxel_size, **kwargs)
     return seg[inv], border[inv]

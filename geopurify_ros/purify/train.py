@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .geometry import VoxelGrid
+from .geometry import VoxelGrid, voxel_means
 from .scenes import room_points
 from .student import DEFAULT_CHECKPOINT, StudentAffinityNet, StudentConfig
 from .teacher import SSLTeacher, TeacherConfig, make_teacher
@@ -139,12 +139,9 @@ def make_view(points: np.ndarray, colors: np.ndarray, centre: np.ndarray, half: 
     ijk = np.floor(p / voxel_size).astype(np.int64)
     _, inv, cnt = np.unique(ijk, axis=0, return_inverse=True, return_counts=True)
     inv = inv.reshape(-1)
-    m = cnt.shape[0]
 
     def mean(x):
-        out = np.zeros((m, x.shape[1]))
-        np.add.at(out, inv, x)
-        return torch.from_numpy((out / cnt[:, None]).astype(np.float32))
+        return torch.from_numpy(voxel_means(x, inv, cnt).astype(np.float32))
 
     voxel_of = np.full(points.shape[0], -1, np.int64)
     voxel_of[keep] = inv
