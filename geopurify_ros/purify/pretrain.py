@@ -148,18 +148,18 @@ def pretrain(cfg: PretrainConfig, argv: list[str] | None = None, progress: bool 
     out.mkdir(parents=True, exist_ok=True)
     seeds = [check_training_seed(s) for s in (cfg.rooms_list or range(cfg.first_seed, cfg.first_seed + cfg.rooms))]
     t0 = time.time()
-    clouds = []
-    for s in seeds:
-        xyz, rgb, _ = room_cloud(s, density=cfg.density)        # labels dropped here: self-supervised
-        segs = point_segments(xyz, rgb, MultiScaleTeacherConfig.voxel_size) if cfg.segment_weight > 0 else None
-        clouds.append((xyz, rgb, segs))
-    t_data = time.time() - t0
-    if cfg.init:
+    if cfg.init:                                  # before the data: segments use the network's own voxel size
         net = load_teacher(cfg.init).train()
         if not isinstance(net, MultiScaleTeacher):
             raise ValueError(f"init: {cfg.init} is not a multi-scale teacher checkpoint")
     else:
         net = MultiScaleTeacher(MultiScaleTeacherConfig(widths=tuple(cfg.widths), embed_dim=cfg.embed_dim))
+    clouds = []
+    for s in seeds:
+        xyz, rgb, _ = room_cloud(s, density=cfg.density)        # labels dropped here: self-supervised
+        segs = point_segments(xyz, rgb, net.config.voxel_size) if cfg.segment_weight > 0 else None
+        clouds.append((xyz, rgb, segs))
+    t_data = time.time() - t0
     levels = len(net.config.widths)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     log: list = []
