@@ -26,7 +26,7 @@ import torch
 from .camera import CameraModel, count_fusable_depth, validate_pose
 from .config import PipelineConfig
 from .device import resolve_device
-from .features import make_backend
+from .features import backend_key, make_backend
 from .pointcloud2 import make_cloud
 from .purify.purifier import Purifier, PurifyConfig
 from .purify.student import load_student
@@ -100,7 +100,7 @@ class MappingPipeline:
         if self.config.feature_image_width:
             opts["image_width"] = self.config.feature_image_width
         if self.config.feature_compile:
-            if (self.config.feature_backend or "lseg").strip().lower() == "lseg":
+            if backend_key(self.config.feature_backend) == "lseg":
                 opts["compile"] = True
             else:
                 warnings.warn(f"feature_compile: only the lseg backend compiles its encoder; ignored for "

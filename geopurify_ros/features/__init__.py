@@ -13,7 +13,17 @@ from .base import FeatureBackend, check_image
 
 BACKENDS = ("lseg", "conse", "open_clip")
 
-__all__ = ["BACKENDS", "FeatureBackend", "check_image", "make_backend"]
+__all__ = ["BACKENDS", "FeatureBackend", "backend_key", "check_image", "make_backend"]
+
+
+def backend_key(name: str) -> str:
+    """The canonical name (one of BACKENDS) of a backend spelled as users may ('' = lseg, any case, '-' for '_',
+    'openclip' / 'clip'); ValueError for an unknown one."""
+    key = (name or "lseg").strip().lower().replace("-", "_")
+    key = "open_clip" if key in ("openclip", "clip") else key
+    if key not in BACKENDS:
+        raise ValueError(f"feature_backend: unknown backend '{name}' (expected one of {', '.join(BACKENDS)})")
+    return key
 
 
 def make_backend(name: str = "lseg", device: str | torch.device = "auto", **options) -> FeatureBackend:
@@ -21,7 +31,7 @@ def make_backend(name: str = "lseg", device: str | torch.device = "auto", **opti
 
     Unknown names → ValueError; a backend whose optional dependency is missing → ImportError naming it.
     """
-    key = (name or "lseg").strip().lower().replace("-", "_")
+    key = backend_key(name)
     dev = device if isinstance(device, torch.device) else resolve_device(str(device))
     if key == "lseg":
         from .lseg import LSegBackend
@@ -29,7 +39,5 @@ def make_backend(name: str = "lseg", device: str | torch.device = "auto", **opti
     if key == "conse":
         from .conse import ConSEBackend
         return ConSEBackend(device=dev, **options)
-    if key in ("open_clip", "openclip", "clip"):
-        from .open_clip_backend import OpenCLIPBackend
-        return OpenCLIPBackend(device=dev, **options)
-    raise ValueError(f"feature_backend: unknown backend '{name}' (expected one of {', '.join(BACKENDS)})")
+    from .open_clip_backend import OpenCLIPBackend
+    return OpenCLIPBackend(device=dev, **options)
