@@ -148,11 +148,11 @@ def test_features_are_ordinary_tensors(backend):
 
 
 def test_for_inference_rewrites_keep_outputs():
-    """1x1 convolutions as GEMMs and in-place ReLU6 (conse.for_inference) give the plain module's output, on a
-    channels-last input (the GEMM path) and on a contiguous one (the convolution fallback)."""
+    """1x1 convolutions as GEMMs and in-place ReLU6 (lite_inference.for_inference) give the plain module's output,
+    on a channels-last input (the GEMM path) and on a contiguous one (the convolution fallback)."""
     import copy
 
-    from geopurify_ros.features.conse import Pointwise, for_inference
+    from geopurify_ros.features.lite_inference import Pointwise, for_inference
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU6(), torch.nn.Conv2d(8, 16, 1),
@@ -168,3 +168,37 @@ def test_for_inference_rewrites_keep_outputs():
             ref, got = net(inp.clone()), fast(inp.clone())
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     assert isinstance(fast[2], Pointwise) and fast[2].conv is not None
+
+
+def test_padded_expansion_blocks_match_the_plain_blocks():
+    """EfficientNet-Lite0's stride-2 blocks become `PaddedExpansionBlock`s (ReLU6 written into a kept zero-bordered
+    buffer): bit-identical to the plain computation, after a frame-size change, on a second thread and outside
+    inference mode; the state dict (and so the backend's weights digest) keeps the plain network's names."""
+    from geopurify_ros.features.conse import load_efficientnet_lite
+    from geopurify_ros.features.lite_inference import PaddedExpansionBlock
+    net = load_efficientnet_lite("efficientnet-lite0")
+    padded = [i for i, b in enumerate(net._blocks) if isinstance(b, PaddedExpansionBlock)]
+    assert padded == [1, 3, 5, 11]                      # the four stride-2 depthwise blocks of Lite0
+    blocks = [net._blocks[i] for i in padded]
+    plain = load_efficientnet_lite("efficientnet-lite0", inference=False).state_dict()
+    assert [k.replace(".conv.", ".") for k in net.state_dict()] == list(plain)    # Pointwise keeps its conv as .conv
+
+    def run(x, reuse):
+        for b in blocks:
+            b.reuse_buffer = reuse
+        return net.extract_features(x.contiguous(memory_format=torch.channels_last))
+
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for shape in ((1, 3, 64, 96), (1, 3, 96, 64), (1, 3, 64, 96)):
+            x = torch.randn(shape, generator=g)
+            ref = run(x, False)
+            assert torch.equal(run(x, True), ref)
+            assert torch.equal(run(x, True), ref)               # the kept buffer's border is still zero
+        out = {}
+        t = threading.Thread(target=lambda: out.setdefault("y", run(x, True)))
+        t.start()
+        t.join()
+        assert torch.equal(out["y"], ref)
+    with torch.no_grad():                                       # not inference mode: the plain path
+        assert torch.allclose(run(x, True), ref)

