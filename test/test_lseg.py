@@ -235,6 +235,37 @@ def test_train_features_distils_from_trained_heads(tmp_path, capsys):
     assert "image width" in capsys.readouterr().err
 
 
+def test_train_features_fine_tunes_the_stride32_stage(tmp_path, capsys):
+    """--train-stride32: the checkpoint carries the trained stage, the backend loads it into its backbone (only that
+    stage differs, and so does the weights digest), and such a head cannot be --init without the flag or be a
+    --distill teacher."""
+    from geopurify_ros.features.lseg import load_checkpoint
+    from geopurify_ros.features.train_lseg import main
+
+    common = ["--seeds", "1000", "--val-seeds", "1001", "--frames", "2", "--batch", "2", "--val-every", "2",
+              "--image-width", "160", "--device", "cpu", "--no-progress"]
+    assert main(["--out", str(tmp_path / "frozen"), "--steps", "2"] + common) == 0
+    frozen = tmp_path / "frozen" / "lseg_head.pt"
+    out = tmp_path / "tuned"
+    assert main(["--out", str(out), "--steps", "2", "--init", str(frozen), "--train-stride32",
+                 "--trunk-lr", "1e-2"] + common) == 0
+    head, meta, trunk = load_checkpoint(out / "lseg_head.pt")
+    assert trunk["first_block"] == 11 and any(k.startswith("conv_head.") for k in trunk["state_dict"])
+    assert load_checkpoint(frozen)[2] is None
+    record = json.loads((out / "lseg_head.json").read_text())
+    assert record["trunk"]["lr"] == 1e-2
+    a = make_backend("lseg", device="cpu", model=str(frozen))
+    b = make_backend("lseg", device="cpu", model=str(out / "lseg_head.pt"))
+    assert a.weights_digest() != b.weights_digest()
+    assert float((a.net._conv_head.conv.weight - b.net._conv_head.conv.weight).abs().max()) > 0
+    assert torch.equal(a.net._blocks[10]._project_conv.conv.weight, b.net._blocks[10]._project_conv.conv.weight)
+    capsys.readouterr()
+    assert main(["--out", str(tmp_path / "c"), "--steps", "1", "--init", str(out / "lseg_head.pt")] + common) == 2
+    assert "--train-stride32" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "d"), "--steps", "1", "--distill", str(out / "lseg_head.pt")] + common) == 2
+    assert "frozen backbone" in capsys.readouterr().err
+
+
 def test_train_features_refuses_evaluation_seeds_and_missing_cuda(tmp_path, capsys):
     from geopurify_ros.features.train_lseg import main
 

@@ -61,6 +61,36 @@ class LSegEncoder(nn.Module):
         return self.head(*backbone_endpoints(self.net, x))
 
 
+def stride32_start(net: nn.Module) -> int:
+    """Index of the first block of EfficientNet(-Lite)'s stride-32 stage (11 for Lite0): its input is the stride-16
+    map `backbone_endpoints` returns, so a fine-tuned stage can be trained on cached stride-16 maps."""
+    stride = 2                                                        # the stem
+    for i, block in enumerate(net._blocks):
+        s = block._block_args.stride
+        stride *= int(s[0] if isinstance(s, (list, tuple)) else s)
+        if stride == 32:
+            return i
+    raise ValueError("backbone has no stride-32 stage")
+
+
+class TrunkTail(nn.Module):
+    """The backbone's stride-32 stage, blocks ``first``.. + the 1x1 head convolution: stride-16 map → stride-32 head
+    map, as `backbone_endpoints` computes it. Holds the net's own modules (no copy): training it trains the net,
+    loading a state dict into it loads the net. The lseg checkpoint stores it when the stage was fine-tuned."""
+
+    def __init__(self, net: nn.Module, first: int):
+        super().__init__()
+        self.first = int(first)
+        self.blocks = nn.ModuleList(net._blocks[self.first:])
+        self.conv_head, self.bn1, self.act = net._conv_head, net._bn1, net._swish
+
+    def forward(self, f16: torch.Tensor) -> torch.Tensor:
+        h = f16
+        for block in self.blocks:
+            h = block(h)
+        return self.act(self.bn1(self.conv_head(h)))
+
+
 class _SepConv(nn.Sequential):
     """Depthwise 3x3 + pointwise 1x1 + ReLU: the decoder's cheap spatial mixing."""
 
@@ -107,8 +137,9 @@ class LSegHead(nn.Module):
         return q
 
 
-def load_head(path: str | Path | None = None, map_location="cpu") -> tuple[LSegHead, dict]:
-    """The trained head and its metadata; FileNotFoundError / ValueError name `feature_model`."""
+def load_checkpoint(path: str | Path | None = None, map_location="cpu") -> tuple[LSegHead, dict, dict | None]:
+    """The trained head, its metadata and its fine-tuned stride-32 stage (``{"first_block", "state_dict"}`` of a
+    `TrunkTail`; None when the backbone was frozen). FileNotFoundError / ValueError name `feature_model`."""
     p = Path(path) if path else DEFAULT_CHECKPOINT
     if not p.is_file():
         raise FileNotFoundError(f"feature_model: lseg head checkpoint not found: {p} "
@@ -117,9 +148,29 @@ def load_head(path: str | Path | None = None, map_location="cpu") -> tuple[LSegH
         ckpt = torch.load(p, map_location=map_location, weights_only=True)
         head = LSegHead(**ckpt["config"])
         head.load_state_dict(ckpt["state_dict"])
+        trunk = ckpt.get("trunk")
+        if trunk is not None and not {"first_block", "state_dict"} <= set(trunk):
+            raise KeyError("trunk: needs first_block and state_dict")
     except Exception as exc:
         raise ValueError(f"feature_model: {p} is not an lseg head checkpoint ({exc})") from exc
-    return head.eval(), ckpt.get("meta", {})
+    return head.eval(), ckpt.get("meta", {}), trunk
+
+
+def load_head(path: str | Path | None = None, map_location="cpu") -> tuple[LSegHead, dict]:
+    """The trained head and its metadata (`load_checkpoint` without the backbone stage)."""
+    return load_checkpoint(path, map_location)[:2]
+
+
+def load_trunk(model: str, pretrained: str, trunk: dict | None) -> nn.Module:
+    """The lseg backbone for inference: ImageNet EfficientNet-Lite, its stride-32 stage replaced by the checkpoint's
+    fine-tuned one when there is one (loaded before the inference rewrites, which copy weights)."""
+    net = load_efficientnet_lite(model, pretrained, inference=False)
+    if trunk is not None:
+        try:
+            TrunkTail(net, int(trunk["first_block"])).load_state_dict(trunk["state_dict"])
+        except (RuntimeError, IndexError, ValueError) as exc:
+            raise ValueError(f"feature_model: its backbone stage does not fit {model} ({exc})") from exc
+    return for_inference(net)
 
 
 def feature_basis(path: str | Path | None = None) -> torch.Tensor:
@@ -146,7 +197,7 @@ class LSegBackend(FeatureBackend):
     def __init__(self, device: str | torch.device = "auto", model: str = "", image_width: int = 0,
                  pretrained: str = "", subspace: bool = True, compile: bool = False):
         self.device = device if isinstance(device, torch.device) else resolve_device(str(device))
-        head, meta = load_head(model or None)
+        head, meta, trunk = load_checkpoint(model or None)
         text_dim = MiniLMText.dim
         if head.config["out_dim"] != text_dim:
             raise ValueError(f"feature_model: head outputs {head.config['out_dim']}-d, text space is {text_dim}-d")
@@ -155,7 +206,7 @@ class LSegBackend(FeatureBackend):
         if self.image_width < 32:
             raise ValueError(f"image_width: must be >= 32, got {self.image_width}")
         self.text_templates = tuple(meta.get("templates") or DEFAULT_TEMPLATES)
-        self.net = load_efficientnet_lite(meta.get("backbone", "efficientnet-lite0"), pretrained).to(
+        self.net = load_trunk(meta.get("backbone", "efficientnet-lite0"), pretrained, trunk).to(
             self.device, memory_format=torch.channels_last)
         self._weights_digest = module_digest({"head": head, "net": self.net})     # before folding: same either way
         self.feature_basis = head.fold_output_basis().float().to(self.device) if subspace else None

@@ -5,7 +5,9 @@
 2. The frozen EfficientNet-Lite0 runs once per frame (and its mirror image); its stride-8/16/32 maps
    are kept in memory as float16, so training touches only the small head.
 3. The head is trained LSeg-style: per output cell, cross-entropy over the training vocabulary of
-   cosine(cell embedding, MiniLM text embedding) / tau, the text encoder frozen. With ``--distill`` it also
+   cosine(cell embedding, MiniLM text embedding) / tau, the text encoder frozen. With ``--train-stride32`` the
+   backbone's stride-32 stage (`lseg.TrunkTail`) is fine-tuned with it, run on the cached stride-16 maps and
+   saved in the checkpoint. With ``--distill`` it also
    learns to match, cell by cell (cosine), the normalised mean of already-trained heads on the same backbone
    maps: one head's pass with most of an ensemble's quality (heads trained apart disagree off the training
    vocabulary, and their mean is the better labeller).
@@ -35,7 +37,7 @@ from ..data.text_frames import cached_text_frames
 from ..device import resolve_device
 from ..eval.metrics import Scores, confusion_matrix
 from .conse import load_efficientnet_lite, network_input_size, normalise_for_lite, shared_text_encoder
-from .lseg import DEFAULT_TEMPLATES, LSegHead, backbone_endpoints, load_head
+from .lseg import DEFAULT_TEMPLATES, LSegHead, TrunkTail, backbone_endpoints, load_checkpoint, stride32_start
 
 def parse_seeds(text: str) -> list[int]:
     """'1000-1159' or '1000,1002' or a mix → sorted seeds."""
@@ -102,26 +104,29 @@ class FeatureSet:
         return len(self.targets)
 
 
-def batch_maps(fs: FeatureSet, idx, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(m[idx].to(device).float() for m in (fs.f8, fs.f16, fs.f32))
+def batch_maps(fs: FeatureSet, idx, device, tail: TrunkTail | None = None) -> tuple[torch.Tensor, ...]:
+    """(f8, f16, f32) of frames ``idx``; f32 from ``tail`` (a stride-32 stage being trained) instead of the cache."""
+    f8, f16 = (m[idx].to(device).float() for m in (fs.f8, fs.f16))
+    return f8, f16, (tail(f16) if tail is not None else fs.f32[idx].to(device).float())
 
 
-def cell_logits(head, fs: FeatureSet, idx, text_emb: torch.Tensor) -> torch.Tensor:
+def cell_logits(head, fs: FeatureSet, idx, text_emb: torch.Tensor, tail: TrunkTail | None = None) -> torch.Tensor:
     """(B, V, h, w) cosine similarities of the head's cells to ``text_emb`` (V, D) for frames ``idx``."""
-    return torch.einsum("bdhw,vd->bvhw", head(*batch_maps(fs, idx, text_emb.device)), text_emb)
+    return torch.einsum("bdhw,vd->bvhw", head(*batch_maps(fs, idx, text_emb.device, tail)), text_emb)
 
 
-def load_heads(paths, image_width: int, device) -> list[LSegHead]:
-    """Trained heads for ``--init`` / ``--distill``; they must have been trained on this backbone input."""
+def load_heads(paths, image_width: int, device) -> list[tuple[LSegHead, dict | None]]:
+    """Trained heads for ``--init`` / ``--distill`` with their fine-tuned stride-32 stage (or None); they must have
+    been trained on this backbone input."""
     heads = []
     for p in paths:
         try:
-            head, meta = load_head(p)
+            head, meta, trunk = load_checkpoint(p)
         except (FileNotFoundError, ValueError) as exc:
             raise ValueError(f"--init/--distill: {exc}") from exc
         if int(meta.get("image_width", image_width)) != image_width:
             raise ValueError(f"{p}: trained at image width {meta.get('image_width')}, not {image_width}")
-        heads.append(head.to(device).eval().requires_grad_(False))
+        heads.append((head.to(device).eval().requires_grad_(False), trunk))
     return heads
 
 
@@ -136,15 +141,19 @@ def file_record(path) -> dict:
 
 
 @torch.no_grad()
-def closed_set_scores(head, fs: FeatureSet, class_emb: torch.Tensor, names: list[str], batch: int = 16) -> Scores:
+def closed_set_scores(head, fs: FeatureSet, class_emb: torch.Tensor, names: list[str], batch: int = 16,
+                      tail: TrunkTail | None = None) -> Scores:
     """Pixel (cell) confusion of argmax-cosine labels against the frames' class ids."""
-    head.eval()
+    modules = [m for m in (head, tail) if m is not None]
+    for m in modules:
+        m.eval()
     cm = np.zeros((len(names), len(names) + 1), np.int64)
     for i in range(0, len(fs), batch):
         idx = torch.arange(i, min(i + batch, len(fs)))
-        pred = cell_logits(head, fs, idx, class_emb).argmax(1)
+        pred = cell_logits(head, fs, idx, class_emb, tail).argmax(1)
         cm += confusion_matrix(fs.classes[idx].numpy(), pred.cpu().numpy(), len(names), IGNORE_LABEL)
-    head.train()
+    for m in modules:
+        m.train()
     return Scores(cm, names)
 
 
@@ -164,8 +173,19 @@ def train(args, log=print) -> dict:
     device = resolve_device(args.device)
     log(f"device: {device}")
     teachers = load_heads(args.distill, args.image_width, device)      # checked before the long data step
-    init = load_heads([args.init], args.image_width, device)[0] if args.init else None
+    if any(trunk is not None for _, trunk in teachers):
+        raise ValueError("--distill: teachers must use the frozen backbone (their stride-32 maps are the cached ones)")
+    teachers = [h for h, _ in teachers]
+    init, init_trunk = load_heads([args.init], args.image_width, device)[0] if args.init else (None, None)
+    if init_trunk is not None and not args.train_stride32:
+        raise ValueError("--init: its backbone stage was fine-tuned; continue with --train-stride32")
     net = load_efficientnet_lite(args.backbone).to(device, memory_format=torch.channels_last)
+    tail = None
+    if args.train_stride32:                      # a trainable copy of the network, of which the stage is trained
+        plain = load_efficientnet_lite(args.backbone, inference=False).to(device)
+        tail = TrunkTail(plain, stride32_start(plain)).train()
+        if init_trunk is not None:
+            tail.load_state_dict(init_trunk["state_dict"])
     t0 = time.perf_counter()
     vocab: list[str] = []
     train_set = FeatureSet(net, train_seeds, args.frames, args.image_width, vocab, flip=True, log=log, device=device)
@@ -183,7 +203,10 @@ def train(args, log=print) -> dict:
     else:                                                    # its decoder width wins over --hidden
         head = LSegHead(**init.config).to(device)
         head.load_state_dict(init.state_dict())
-    opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    groups = [{"params": list(head.parameters()), "lr": args.lr}]
+    if tail is not None:
+        groups.append({"params": list(tail.parameters()), "lr": args.trunk_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
     logf = open(out / "train_log.jsonl", "w")
@@ -196,8 +219,8 @@ def train(args, log=print) -> dict:
     history = []
     for step in bar:
         idx = torch.from_numpy(rng.choice(len(train_set), args.batch, replace=False))
-        maps = batch_maps(train_set, idx, device)
-        emb = head(*maps)
+        maps = batch_maps(train_set, idx, device)                     # the frozen backbone's (teachers see these)
+        emb = head(*(maps if tail is None else (maps[0], maps[1], tail(maps[1]))))
         logits = torch.einsum("bdhw,vd->bvhw", emb, text_emb) / args.tau       # (B, V, gh, gw)
         loss = F.cross_entropy(logits, train_set.targets[idx].to(device), ignore_index=-1)
         rec = {"step": step + 1, "loss": round(loss.item(), 5)}
@@ -211,7 +234,7 @@ def train(args, log=print) -> dict:
         sched.step()
         rec.update(lr=round(sched.get_last_lr()[0], 7), s=round(time.perf_counter() - t1, 1))
         if (step + 1) % args.val_every == 0 or step + 1 == args.steps:
-            sc = closed_set_scores(head, val_set, class_emb, names)
+            sc = closed_set_scores(head, val_set, class_emb, names, tail=tail)
             rec.update(val_miou=round(sc.miou, 4), val_macc=round(sc.macc, 4))
             history.append(rec)
             log(json.dumps(rec))
@@ -219,13 +242,16 @@ def train(args, log=print) -> dict:
         logf.flush()
     logf.close()
     t_train = time.perf_counter() - t1
-    final = closed_set_scores(head, val_set, class_emb, names)
+    final = closed_set_scores(head, val_set, class_emb, names, tail=tail)
     meta = {
-        "what": "LSeg-style dense head for the lseg feature backend (frozen EfficientNet-Lite0 + MiniLM text space)",
+        "what": "LSeg-style dense head for the lseg feature backend (EfficientNet-Lite0, "
+                + ("stride-32 stage fine-tuned" if tail is not None else "frozen") + ", + MiniLM text space)",
         "command": "geopurify-train-features " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
         "backbone": args.backbone, "image_width": args.image_width, "templates": list(templates),
         "config": head.config, "tau": args.tau, "steps": args.steps, "batch": args.batch, "lr": args.lr,
         "weight_decay": args.weight_decay, "seed": args.seed,
+        "trunk": ({"trained": f"blocks {tail.first}.. + conv_head (the stride-32 stage)", "lr": args.trunk_lr}
+                  if tail is not None else None),
         "init": file_record(args.init) if args.init else None,
         "distill": {"teachers": [file_record(p) for p in args.distill], "weight": args.distill_weight,
                     "target": "normalised mean of the teachers' cell embeddings, cosine loss"} if args.distill else None,
@@ -243,9 +269,11 @@ def train(args, log=print) -> dict:
         "machine": {"device": str(device), "threads": args.threads, "torch": torch.__version__,
                     "platform": platform.platform()},
     }
-    torch.save({"config": head.config, "state_dict": {k: v.cpu() for k, v in head.state_dict().items()},
-                "meta": {k: meta[k] for k in ("backbone", "image_width", "templates", "command")}},
-               out / "lseg_head.pt")
+    ckpt = {"config": head.config, "state_dict": {k: v.cpu() for k, v in head.state_dict().items()},
+            "meta": {k: meta[k] for k in ("backbone", "image_width", "templates", "command")}}
+    if tail is not None:
+        ckpt["trunk"] = {"first_block": tail.first, "state_dict": {k: v.cpu() for k, v in tail.state_dict().items()}}
+    torch.save(ckpt, out / "lseg_head.pt")
     (out / "lseg_head.json").write_text(json.dumps(meta, indent=1))
     log(f"wrote {out / 'lseg_head.pt'}: validation cell mIoU {final.miou:.3f}, train {t_train:.0f} s")
     return meta
@@ -267,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--image-width", type=int, default=448)
     ap.add_argument("--backbone", default="efficientnet-lite0")
     ap.add_argument("--init", default="", help="start from this trained head checkpoint (same image width)")
+    ap.add_argument("--train-stride32", action="store_true",
+                    help="also fine-tune the backbone's stride-32 stage (saved in the checkpoint)")
+    ap.add_argument("--trunk-lr", type=float, default=1e-4, help="learning rate of the stride-32 stage")
     ap.add_argument("--distill", nargs="*", default=[], metavar="HEAD",
                     help="trained head checkpoints whose normalised mean embedding the head also learns to match")
     ap.add_argument("--distill-weight", type=float, default=10.0,
