@@ -162,15 +162,23 @@ def load_head(path: str | Path | None = None, map_location="cpu") -> tuple[LSegH
     return load_checkpoint(path, map_location)[:2]
 
 
+def attach_trunk(net: nn.Module, trunk: dict) -> TrunkTail:
+    """Load a checkpoint's fine-tuned stride-32 stage into a plain (not yet rewritten) ``net``; the `TrunkTail`
+    over it. ValueError when the stage does not fit this network."""
+    try:
+        tail = TrunkTail(net, int(trunk["first_block"]))
+        tail.load_state_dict(trunk["state_dict"])
+    except (RuntimeError, IndexError, ValueError) as exc:
+        raise ValueError(f"feature_model: its backbone stage does not fit this backbone ({exc})") from exc
+    return tail
+
+
 def load_trunk(model: str, pretrained: str, trunk: dict | None) -> nn.Module:
     """The lseg backbone for inference: ImageNet EfficientNet-Lite, its stride-32 stage replaced by the checkpoint's
     fine-tuned one when there is one (loaded before the inference rewrites, which copy weights)."""
     net = load_efficientnet_lite(model, pretrained, inference=False)
     if trunk is not None:
-        try:
-            TrunkTail(net, int(trunk["first_block"])).load_state_dict(trunk["state_dict"])
-        except (RuntimeError, IndexError, ValueError) as exc:
-            raise ValueError(f"feature_model: its backbone stage does not fit {model} ({exc})") from exc
+        attach_trunk(net, trunk)
     return for_inference(net)
 
 

@@ -37,7 +37,8 @@ from ..data.text_frames import cached_text_frames
 from ..device import resolve_device
 from ..eval.metrics import Scores, confusion_matrix
 from .conse import load_efficientnet_lite, network_input_size, normalise_for_lite, shared_text_encoder
-from .lseg import DEFAULT_TEMPLATES, LSegHead, TrunkTail, backbone_endpoints, load_checkpoint, stride32_start
+from .lseg import (DEFAULT_TEMPLATES, LSegHead, TrunkTail, attach_trunk, backbone_endpoints, load_checkpoint,
+                   stride32_start)
 
 def parse_seeds(text: str) -> list[int]:
     """'1000-1159' or '1000,1002' or a mix → sorted seeds."""
@@ -183,9 +184,8 @@ def train(args, log=print) -> dict:
     tail = None
     if args.train_stride32:                      # a trainable copy of the network, of which the stage is trained
         plain = load_efficientnet_lite(args.backbone, inference=False).to(device)
-        tail = TrunkTail(plain, stride32_start(plain)).train()
-        if init_trunk is not None:
-            tail.load_state_dict(init_trunk["state_dict"])
+        tail = (attach_trunk(plain, init_trunk) if init_trunk is not None
+                else TrunkTail(plain, stride32_start(plain))).train()
     t0 = time.perf_counter()
     vocab: list[str] = []
     train_set = FeatureSet(net, train_seeds, args.frames, args.image_width, vocab, flip=True, log=log, device=device)
