@@ -2,7 +2,8 @@
 
 Prints plain numbers and ratios to the targets (<= 15 ms/frame on CPU at stride 2; <= 1 KiB/voxel). No asserts.
 D defaults to that of the default backend (lseg: 129, its output subspace); `--dim 384` = lseg's full features.
-Usage: python bench/bench_fusion.py [--frames 20] [--threads N] [--voxels 200000] [--dim D]
+Sampling: the default config's depth-guided sampling (`depth_guide_sigma`), and plain bilinear at stride 2 beside it.
+Usage: python bench/bench_fusion.py [--frames 20] [--threads N] [--voxels 200000] [--dim D] [--guide-sigma S]
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from geopurify_ros.camera import CameraModel, pose_to_matrix
+from geopurify_ros.config import PipelineConfig
 from geopurify_ros.features.lseg import feature_basis
 from geopurify_ros.node import heap
 from geopurify_ros.voxel_map import VoxelMap
@@ -34,7 +36,7 @@ def synthetic_frame(rng: np.random.Generator, dim: int):
     return depth.astype(np.float32), rgb, fmap
 
 
-def time_fusion(device: str, stride: int, frames: int, dim: int) -> tuple[float, float, float, int]:
+def time_fusion(device: str, stride: int, frames: int, dim: int, guide: float) -> tuple[float, float, float, int]:
     """Returns (median wall ms, min wall ms, median process-CPU ms per frame, voxels touched per frame)."""
     rng = np.random.default_rng(0)
     depth, rgb, fmap = synthetic_frame(rng, dim)
@@ -49,7 +51,7 @@ def time_fusion(device: str, stride: int, frames: int, dim: int) -> tuple[float,
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t, c = time.perf_counter(), time.process_time()
-        st = vm.fuse_frame(depth_t, fmap_t, rgb_t, cam, T, stamp=float(i), stride=stride)
+        st = vm.fuse_frame(depth_t, fmap_t, rgb_t, cam, T, stamp=float(i), stride=stride, guide_sigma=guide)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         if i >= 3:  # warm-up frames excluded
@@ -73,6 +75,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     ap.add_argument("--voxels", type=int, default=200_000)
     ap.add_argument("--dim", type=int, default=0, help="feature D (default: the default backend's)")
+    ap.add_argument("--guide-sigma", type=float, default=PipelineConfig().depth_guide_sigma,
+                    help="depth_guide_sigma (default: the config default; 0 = bilinear)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -82,11 +86,12 @@ def main() -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"torch {torch.__version__}, cpu threads {torch.get_num_threads()}, {os.cpu_count()} cores, "
           f"load average {load:.2f}, frame {W}x{H}, features {dim}-d at 1/{DOWN}")
+    runs = [(s, args.guide_sigma) for s in (1, 2, 4)] + ([(2, 0.0)] if args.guide_sigma else [])
     for dev in devices:
-        for stride in (1, 2, 4):
-            ms, ms_min, cpu_ms, nvox = time_fusion(dev, stride, args.frames, dim)
-            line = (f"{dev:5s} stride {stride}: {ms:8.2f} ms/frame median wall (min {ms_min:.2f}, process CPU "
-                    f"{cpu_ms:.2f} ms; {nvox} voxels fused per frame)")
+        for stride, guide in runs:
+            ms, ms_min, cpu_ms, nvox = time_fusion(dev, stride, args.frames, dim, guide)
+            line = (f"{dev:5s} stride {stride}, {f'guide {guide:g}' if guide else 'bilinear':9s}: {ms:8.2f} ms/frame "
+                    f"median wall (min {ms_min:.2f}, process CPU {cpu_ms:.2f} ms; {nvox} voxels fused per frame)")
             if stride == 2 and dev == "cpu":
                 line += (f"  ratio to {TARGET_MS:.0f} ms target: {ms / TARGET_MS:.2f} (wall), "
                          f"{cpu_ms / TARGET_MS:.2f} (process CPU)")

@@ -7,6 +7,7 @@ as a ROS parameter and the offline tools (evaluator, benchmarks) read the same f
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,7 @@ class PipelineConfig(ParamConfig):
     min_depth: float = 0.2
     max_depth: float = 6.0
     depth_weighting: str = "depth"          # depth | uniform
+    depth_guide_sigma: float = 0.03         # depth-guided feature sampling (voxel_map.guided_corner_weights); 0 = bilinear
     # Purification (student affinities + geometry-guided pooling)
     purify_mode: str = "pooled"             # raw | purified | pooled
     student_checkpoint: str = ""            # "" = checkpoint shipped in the package
@@ -93,6 +95,8 @@ class PipelineConfig(ParamConfig):
         need(self.stride >= 1, "stride", "must be >= 1")
         need(0 <= self.min_depth < self.max_depth, "min_depth", "must satisfy 0 <= min_depth < max_depth")
         need(self.depth_weighting in ("depth", "uniform"), "depth_weighting", "must be 'depth' or 'uniform'")
+        need(math.isfinite(self.depth_guide_sigma) and self.depth_guide_sigma >= 0, "depth_guide_sigma",
+             "must be >= 0 (0 = plain bilinear sampling)")
         need(self.purify_mode in ("raw", "purified", "pooled"), "purify_mode", "must be raw, purified or pooled")
         need(self.pooling_iterations >= 0, "pooling_iterations", "must be >= 0")
         need(int(self.pooling_radius) == self.pooling_radius and self.pooling_radius >= 1, "pooling_radius",

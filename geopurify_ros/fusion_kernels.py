@@ -82,9 +82,19 @@ if njit is not None:
         return sig, codegen
 
     @njit(cache=True, nogil=True)
+    def _guide(zv, zc, k, floor):
+        """Depth affinity of a point at depth zv to a feature cell whose centre is at depth zc (NaN: floor)."""
+        d = (zv - zc) * k
+        x = np.float32(0.5) * d * d
+        if x < np.float32(0.125):    # most points (smooth surfaces): Taylor, error < x^4/24 = 1e-5; half expf's cost
+            return np.float32(1.0) - x * (np.float32(1.0) - x * (np.float32(0.5) - x * np.float32(1.0 / 6.0)))
+        e = np.exp(-x)
+        return e if e >= floor else floor       # NaN (no cell depth) fails the test
+
+    @njit(cache=True, nogil=True)
     def _group_frame(depth, stride, min_depth, max_depth, uniform, rays, rot, trans, cell_grid, frac_grid, pix_flat,
-                     rgb, voxel_size, key_min, key_max, key_offset, key_bits, table, vkeys, vslot, vsum, vcnt,
-                     vhead, pcell, pnext, pvox, psum):
+                     rgb, voxel_size, key_min, key_max, key_offset, key_bits, cell_depth, inv_sigma, guide_floor, dx,
+                     dy, table, vkeys, vslot, vsum, vcnt, vhead, pcell, pnext, pvox, psum):
         hs = (depth.shape[0] + stride - 1) // stride
         ws = (depth.shape[1] + stride - 1) // stride
         vs = np.float32(voxel_size)
@@ -162,11 +172,25 @@ if njit is not None:
                     last_cell, last_p = cell, p
                 wi = one if uniform else one / (zv * zv)
                 ax, ay = frac_grid[g, 0], frac_grid[g, 1]
-                wax = wi * ax
-                psum[p, 0] += wi
-                psum[p, 1] += wax
-                psum[p, 2] += wi * ay
-                psum[p, 3] += wax * ay
+                if inv_sigma > 0:
+                    # depth-guided: bilinear corner weights times depth affinity, renormalised; sums of w * c01,
+                    # w * c10, w * c11 (c00 follows from the weight sum in _group_csr)
+                    k = inv_sigma / zv
+                    t0 = (one - ax) * (one - ay) * _guide(zv, cell_depth[cell], k, guide_floor)
+                    t1 = ax * (one - ay) * _guide(zv, cell_depth[cell + dx], k, guide_floor)
+                    t2 = (one - ax) * ay * _guide(zv, cell_depth[cell + dy], k, guide_floor)
+                    t3 = ax * ay * _guide(zv, cell_depth[cell + dy + dx], k, guide_floor)
+                    sc = wi / (t0 + t1 + t2 + t3)
+                    psum[p, 0] += wi
+                    psum[p, 1] += t1 * sc
+                    psum[p, 2] += t2 * sc
+                    psum[p, 3] += t3 * sc
+                else:
+                    wax = wi * ax
+                    psum[p, 0] += wi
+                    psum[p, 1] += wax
+                    psum[p, 2] += wi * ay
+                    psum[p, 3] += wax * ay
                 c = pix_flat[g]
                 vsum[v, 0] += wi
                 vsum[v, 1] += wi * x
@@ -181,7 +205,8 @@ if njit is not None:
         return m, npair
 
     @njit(cache=True, nogil=True)
-    def _group_csr(order, npair, vkeys, vsum, vcnt, vhead, pcell, pvox, psum, ukeys, per_vox, cnt, start, cells, cw):
+    def _group_csr(order, npair, vkeys, vsum, vcnt, vhead, pcell, pvox, psum, guided, ukeys, per_vox, cnt, start, cells,
+                   cw):
         """Voxels in ``order`` (sorted keys: the map's index wants them), pairs in CSR order by sorted voxel."""
         m = order.shape[0]
         for r in range(m):
@@ -203,10 +228,16 @@ if njit is not None:
             start[r] = q + 1
             s0, sx, sy, sxy = psum[p, 0], psum[p, 1], psum[p, 2], psum[p, 3]
             cells[q] = pcell[p]
-            cw[q, 0] = s0 - sx - sy + sxy            # corners 00, 01, 10, 11
-            cw[q, 1] = sx - sxy
-            cw[q, 2] = sy - sxy
-            cw[q, 3] = sxy
+            if guided:                               # psum = (w, w*c01, w*c10, w*c11)
+                cw[q, 0] = s0 - sx - sy - sxy
+                cw[q, 1] = sx
+                cw[q, 2] = sy
+                cw[q, 3] = sxy
+            else:                                    # psum = (w, w*ax, w*ay, w*ax*ay); corners 00, 01, 10, 11
+                cw[q, 0] = s0 - sx - sy + sxy
+                cw[q, 1] = sx - sxy
+                cw[q, 2] = sy - sxy
+                cw[q, 3] = sxy
         for r in range(m - 1, 0, -1):
             start[r] = start[r - 1]
         start[0] = 0
@@ -299,21 +330,28 @@ class Workspace:
 
 def group_frame(ws: Workspace, depth, stride: int, min_depth: float, max_depth: float, uniform: bool, rays, rot,
                 trans, cell_grid, frac_grid, pix_flat, rgb, voxel_size: float, key_min: int, key_max: int,
-                key_offset: int, key_bits: int):
+                key_offset: int, key_bits: int, cell_depth=None, guide_sigma: float = 0.0, guide_floor: float = 0.0,
+                dx: int = 0, dy: int = 0):
     """Back-project the stride grid of ``depth`` (H, W) float32 with ``rays`` (grid, 2) and world <- camera ``rot``
     (3, 3), ``trans`` (3,) float32 (as ``camera.backproject_grid``), weight points 1/z^2 (or 1 when ``uniform``) and
     group them. Returns views of ``ws`` (valid until its next use): (ukeys (M,) sorted int64, per_vox (M, 7) float32
     [w, w*xyz, w*rgb], cnt (M,) int32, start (M+1,) int64 CSR of pairs by voxel, cells (P,) int64 top-left cell,
-    cw (P, 4) float32 corner weights). Points outside the key range are dropped, as in ``voxel_coords``."""
+    cw (P, 4) float32 corner weights). Points outside the key range are dropped, as in ``voxel_coords``.
+    ``guide_sigma`` > 0: depth-guided corner weights (``voxel_map.guided_corner_weights``) with ``cell_depth`` (cells,)
+    float32 the depth at each feature cell's centre and ``dx``, ``dy`` the cell offsets of the right / lower corner."""
     n = ((depth.shape[0] + stride - 1) // stride) * ((depth.shape[1] + stride - 1) // stride)
     ws.ensure(n)
+    guided = guide_sigma > 0
+    if cell_depth is None:
+        cell_depth = np.zeros(1, np.float32)
     m, p = _group_frame(depth, int(stride), float(min_depth), float(max_depth), bool(uniform), rays, rot, trans,
                         cell_grid, frac_grid, pix_flat, rgb, float(voxel_size), float(key_min), float(key_max),
-                        int(key_offset), int(key_bits), ws.table, ws.vkeys, ws.vslot, ws.vsum, ws.vcnt, ws.vhead,
-                        ws.pcell, ws.pnext, ws.pvox, ws.psum)
+                        int(key_offset), int(key_bits), cell_depth, np.float32(1.0 / guide_sigma if guided else 0.0),
+                        np.float32(guide_floor), int(dx), int(dy), ws.table, ws.vkeys, ws.vslot, ws.vsum, ws.vcnt,
+                        ws.vhead, ws.pcell, ws.pnext, ws.pvox, ws.psum)
     order = np.argsort(ws.vkeys[:m])                 # numpy's sort: ~2x numba's on 10k keys
-    _group_csr(order, p, ws.vkeys, ws.vsum, ws.vcnt, ws.vhead, ws.pcell, ws.pvox, ws.psum, ws.ukeys, ws.per_vox,
-               ws.cnt, ws.start, ws.cells, ws.cw)
+    _group_csr(order, p, ws.vkeys, ws.vsum, ws.vcnt, ws.vhead, ws.pcell, ws.pvox, ws.psum, guided, ws.ukeys,
+               ws.per_vox, ws.cnt, ws.start, ws.cells, ws.cw)
     return ws.ukeys[:m], ws.per_vox[:m], ws.cnt[:m], ws.start[:m + 1], ws.cells[:p], ws.cw[:p]
 
 
@@ -347,7 +385,7 @@ def _compile_all() -> None:
     ukeys, per_vox, cnt, start, cells, cw = group_frame(
         ws, np.ones((2, 2), f32), 1, 0.1, 8.0, False, np.zeros((4, 2), f32), np.eye(3, dtype=f32), np.zeros(3, f32),
         np.zeros(4, np.int64), np.zeros((4, 2), f32), np.arange(4, dtype=np.int64), np.zeros((4, 3), np.uint8),
-        0.05, -(1 << 20), (1 << 20) - 1, 1 << 20, 21)
+        0.05, -(1 << 20), (1 << 20) - 1, 1 << 20, 21, np.ones(4, f32), 0.05, 1e-4, 1, 2)      # guided signature
     m = ukeys.shape[0]
     weights, xyz, colors = np.ones(m, f32), np.zeros((m, 3), f32), np.zeros((m, 3), np.uint8)
     w1, scale, a = update_existing(np.arange(m, dtype=np.int64), per_vox[:, 0], per_vox[:, 1:4], per_vox[:, 4:7], cnt,

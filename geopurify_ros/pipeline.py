@@ -148,7 +148,8 @@ class MappingPipeline:
             stats = self.voxel_map.fuse_frame(
                 torch.from_numpy(depth), feats, torch.from_numpy(rgb), cam, T, float(stamp),
                 stride=self.config.stride, min_depth=self.config.min_depth,
-                max_depth=self.config.max_depth, weighting=self.config.depth_weighting)
+                max_depth=self.config.max_depth, weighting=self.config.depth_weighting,
+                guide_sigma=self.config.depth_guide_sigma)
             self._version += 1
             self._stats.frames_fused += 1
             self._stats.last_features_ms = (t1 - t0) * 1e3

@@ -138,6 +138,34 @@ def _sample_grid(cam: CameraModel, stride: int, h: int, w: int, dev) -> tuple[to
 
 
 _SAMPLE_GRIDS: dict = {}
+GUIDE_FLOOR = 1e-4     # depth affinity of a cell at another depth (or with no depth): all four that far = bilinear
+
+
+def cell_depths(depth: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(h * w,) float32: the depth at the full-resolution pixel nearest each (h, w) feature cell's centre (NaN where
+    the depth is missing): the depth the cell's feature describes, for depth-guided sampling."""
+    H, W = depth.shape
+    rows = ((torch.arange(h, device=depth.device) + 0.5) * (H / h)).long().clamp_(max=H - 1)
+    cols = ((torch.arange(w, device=depth.device) + 0.5) * (W / w)).long().clamp_(max=W - 1)
+    zc = depth.index_select(0, rows).index_select(1, cols).reshape(-1).to(torch.float32)
+    return torch.where(zc > 0, zc, torch.full_like(zc, float("nan")))
+
+
+def guided_corner_weights(ax: torch.Tensor, ay: torch.Tensor, z: torch.Tensor, corner_depth: torch.Tensor,
+                          sigma: float) -> torch.Tensor:
+    """(N, 4) weights of the corners 00, 01, 10, 11 of each point's bilinear sample, each multiplied by the point's
+    depth affinity to that cell, ``exp(-((z - z_cell) / (sigma z))^2 / 2)`` (at least ``GUIDE_FLOOR``; NaN cell depth
+    gives the floor), renormalised to sum 1 (joint bilateral upsampling with depth as the guide, Kopf et al. 2007).
+
+    Why: a stride-8 cell on an object's silhouette is blended into the wall behind it (and the wall into the object)
+    by plain bilinear sampling; weighting by depth agreement keeps each 3D point's feature from cells on its own
+    surface. ax, ay, z (N,); corner_depth (N, 4)."""
+    bx, by = 1 - ax, 1 - ay
+    b = torch.stack((bx * by, ax * by, bx * ay, ax * ay), 1)
+    d = (z[:, None] - corner_depth) / (sigma * z[:, None])
+    g = torch.nan_to_num(torch.exp(-0.5 * d * d), nan=0.0).clamp_min_(GUIDE_FLOOR)
+    c = b * g
+    return c / c.sum(1, keepdim=True)
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -461,7 +489,8 @@ class VoxelMap:
         return self._integrate(ukeys, wsum, fold, xsum, csum, cnt, stamp, origin)
 
     def fuse_frame(self, depth, feature_map, rgb, cam: CameraModel, T_world_cam, stamp: float = 0.0, stride: int = 2,
-                   min_depth: float = 0.1, max_depth: float = 8.0, weighting: str = "depth") -> FuseStats:
+                   min_depth: float = 0.1, max_depth: float = 8.0, weighting: str = "depth",
+                   guide_sigma: float = 0.0) -> FuseStats:
         """Back-project a depth frame and fuse it with bilinearly sampled low-res features.
 
         Args:
@@ -472,6 +501,8 @@ class VoxelMap:
             rgb: (H,W,3) uint8.
             cam, T_world_cam: intrinsics of the depth image and world <- optical pose.
             weighting: "depth" (w = 1/z^2, nearer is more reliable) or "uniform".
+            guide_sigma: > 0: depth-guided sampling (``guided_corner_weights``, sigma relative to the point's depth);
+                0: plain bilinear.
         The result equals ``fuse`` with per-point sampled features; bilinear sampling is linear, so instead of
         materialising (N, D) samples the per-voxel sums are formed as a sparse (voxels x cells) matrix times the
         feature map, with points first merged per (voxel, cell).
@@ -479,6 +510,9 @@ class VoxelMap:
         dev = self.device
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting: expected one of {WEIGHTINGS}, got '{weighting}'")
+        guide_sigma = float(guide_sigma)
+        if not (math.isfinite(guide_sigma) and guide_sigma >= 0):
+            raise ValueError(f"guide_sigma: expected a finite value >= 0, got {guide_sigma}")
         depth = _as_tensor(depth, "depth", dev)
         if not depth.is_floating_point():
             raise ValueError(f"depth: expected float metres, got {depth.dtype} (decode with image_codec.decode_depth)")
@@ -500,7 +534,7 @@ class VoxelMap:
         if dev.type == "cpu" and fusion_kernels.available():
             check_grid_args(stride, min_depth, max_depth)
             return self._fuse_frame_kernels(depth, feature_map, rgb, cam, T, stamp, int(stride), min_depth, max_depth,
-                                            weighting)
+                                            weighting, guide_sigma)
         points, gidx, z = backproject_grid(depth, cam, T, stride, min_depth, max_depth)
         w = (1.0 / (z * z)) if weighting == "depth" else torch.ones_like(z)
         q = torch.floor(points / self.voxel_size)
@@ -511,7 +545,7 @@ class VoxelMap:
         else:
             ijk, ok = voxel_coords(points, self.voxel_size)
             sel = ok.nonzero().squeeze(1)
-            points, gidx, w, ijk = points[sel], gidx[sel], w[sel], ijk[sel]
+            points, gidx, w, z, ijk = points[sel], gidx[sel], w[sel], z[sel], ijk[sel]
             bounds = None
         origin = torch.as_tensor(T[:3, 3], dtype=torch.float32, device=dev)
         if points.shape[0] == 0:
@@ -528,11 +562,18 @@ class VoxelMap:
         colors = rgb.reshape(-1, 3).index_select(0, flat.index_select(0, gidx))   # uint8; promoted in the product
         # Channel-major (10, N) sums: index_add_ along dim 1 is one vectorised pass (dim 0 of a (N, 10) tensor costs
         # one kernel launch per row on CPU). Rows: w, w*ax, w*ay, w*ax*ay, w*xyz, w*rgb.
+        dx = 1 if wf > 1 else 0
+        dy = wf if h > 1 else 0
         per_point = torch.empty((10, w.numel()), device=dev)
         per_point[0] = w
-        torch.mul(w, ax, out=per_point[1])
-        torch.mul(w, ay, out=per_point[2])
-        torch.mul(per_point[1], ay, out=per_point[3])
+        if guide_sigma > 0:      # rows 1-3: w * (c01, c10, c11); c00 = 1 - the others
+            corners = torch.stack((cell0, cell0 + dx, cell0 + dy, cell0 + dy + dx), 1)
+            c = guided_corner_weights(ax, ay, z, cell_depths(depth, h, wf)[corners], guide_sigma)
+            torch.mul(c[:, 1:].t(), w, out=per_point[1:4])
+        else:                    # rows 1-3: w * (ax, ay, ax * ay)
+            torch.mul(w, ax, out=per_point[1])
+            torch.mul(w, ay, out=per_point[2])
+            torch.mul(per_point[1], ay, out=per_point[3])
         torch.mul(points.t(), w, out=per_point[4:7])
         torch.mul(colors.t(), w, out=per_point[7:10])
         npair = pvox.numel()
@@ -540,10 +581,11 @@ class VoxelMap:
         pcount = torch.bincount(pinv, minlength=npair)
         per_vox = torch.zeros((7, m), device=dev).index_add_(1, pvox, per_pair[[0, 4, 5, 6, 7, 8, 9]]).t().contiguous()
         cnt = torch.zeros(m, dtype=torch.int64, device=dev).index_add_(0, pvox, pcount).to(torch.int32)
-        s0, sx, sy, sxy = per_pair[:4]
-        cw = torch.stack((s0 - sx - sy + sxy, sx - sxy, sy - sxy, sxy), 1)  # (P,4) corners 00, 01, 10, 11
-        dx = 1 if wf > 1 else 0
-        dy = wf if h > 1 else 0
+        s0, s1, s2, s3 = per_pair[:4]
+        if guide_sigma > 0:
+            cw = torch.stack((s0 - s1 - s2 - s3, s1, s2, s3), 1)
+        else:
+            cw = torch.stack((s0 - s1 - s2 + s3, s1 - s3, s2 - s3, s3), 1)  # (P,4) corners 00, 01, 10, 11
         cols = torch.stack((pcell, pcell + dx, pcell + dy, pcell + dy + dx), 1).reshape(-1)
         fmap = feature_map.reshape(hw, self.feature_dim).float()
         # Bag (voxel) v owns entries [start[v], start[v+1]) of ``cols``; pairs are grouped by ascending voxel.
@@ -576,24 +618,25 @@ class VoxelMap:
         return self._kernel_ws
 
     def _fuse_frame_kernels(self, depth, feature_map, rgb, cam, T, stamp, stride, min_depth, max_depth,
-                            weighting) -> FuseStats:
+                            weighting, guide_sigma) -> FuseStats:
         """``fuse_frame`` with the fused CPU kernels (``fusion_kernels``): the same back-projection, sums and fold as
         the torch path, in three passes (group, update of existing voxels, feature fold) instead of ~100 ops."""
         h, wf = feature_map.shape[:2]
         _, rays = stride_grid(cam, stride, self.device)
         flat, cell_grid, frac_grid = _sample_grid(cam, stride, h, wf, self.device)
         Tf = torch.as_tensor(T, dtype=torch.float32)      # backproject_grid's float32 pose
+        dx, dy = (1 if wf > 1 else 0), (wf if h > 1 else 0)
+        zc = cell_depths(depth, h, wf).numpy() if guide_sigma > 0 else None
         ukeys, per_vox, cnt, start, cells, cw = (torch.from_numpy(x) for x in fusion_kernels.group_frame(
             self._workspace(), depth.contiguous().numpy(), stride, min_depth, max_depth, weighting == "uniform",
             rays.numpy(), Tf[:3, :3].contiguous().numpy(), Tf[:3, 3].contiguous().numpy(), cell_grid.numpy(),
             frac_grid.numpy(), flat.numpy(), rgb.reshape(-1, 3).contiguous().numpy(), self.voxel_size, KEY_MIN,
-            KEY_MAX, KEY_OFFSET, KEY_BITS))          # contiguous inputs: one compiled signature
+            KEY_MAX, KEY_OFFSET, KEY_BITS, zc, guide_sigma, GUIDE_FLOOR, dx, dy))   # contiguous: one signature
         origin = Tf[:3, 3].clone()
         if ukeys.numel() == 0:
             self._origin = origin
             return FuseStats()
         fmap = feature_map.detach().reshape(h * wf, self.feature_dim).float().contiguous().numpy()
-        dx, dy = (1 if wf > 1 else 0), (wf if h > 1 else 0)
 
         def fold(scale, old, dest, a):
             fusion_kernels.fold_features(start.numpy(), cells.numpy(), cw.numpy(), fmap, dx, dy,

@@ -16,7 +16,7 @@ ODD_CAM = CameraModel(161, 119, 140.0, 140.0, 80.0, 59.0)   # sizes no stride di
 
 
 def run_sequence(use_kernels: bool, monkeypatch, max_voxels: int, weighting: str, D: int = 7, cam=CAM,
-                 strides=(1, 2)):
+                 strides=(1, 2), guide: float = 0.0):
     """Five moving frames with holes, NaN/out-of-range depth, one frame straddling the key limit, an aux channel."""
     monkeypatch.setattr(fusion_kernels, "ENABLED", use_kernels)
     g = torch.Generator().manual_seed(3)
@@ -35,7 +35,7 @@ def run_sequence(use_kernels: bool, monkeypatch, max_voxels: int, weighting: str
         if i == 4:
             T[:3, 3] = [(KEY_MAX + 0.5) * VS, 0.0, 1.0]       # half of this frame is outside the key range
         st = vm.fuse_frame(depth, fmap, rgb, cam, T, stamp=float(i), stride=strides[i % len(strides)],
-                           weighting=weighting)
+                           weighting=weighting, guide_sigma=guide)
         stats.append((st.new, st.updated, st.evicted, st.points))
         if i == 2:
             vm.clear_dirty()
@@ -43,13 +43,14 @@ def run_sequence(use_kernels: bool, monkeypatch, max_voxels: int, weighting: str
 
 
 @needs_numba
-@pytest.mark.parametrize("max_voxels,weighting,cam,strides", [
-    (100_000, "depth", CAM, (1, 2)), (700, "depth", CAM, (1, 2)), (100_000, "uniform", CAM, (1, 2)),
-    (100_000, "depth", ODD_CAM, (3, 2, 1))])
-def test_kernels_match_torch_path(monkeypatch, max_voxels, weighting, cam, strides):
-    a, sa = run_sequence(True, monkeypatch, max_voxels, weighting, cam=cam, strides=strides)
+@pytest.mark.parametrize("max_voxels,weighting,cam,strides,guide", [
+    (100_000, "depth", CAM, (1, 2), 0.0), (700, "depth", CAM, (1, 2), 0.0), (100_000, "uniform", CAM, (1, 2), 0.0),
+    (100_000, "depth", ODD_CAM, (3, 2, 1), 0.0), (100_000, "depth", CAM, (1, 2), 0.05),
+    (700, "uniform", ODD_CAM, (3, 2, 1), 0.02)])
+def test_kernels_match_torch_path(monkeypatch, max_voxels, weighting, cam, strides, guide):
+    a, sa = run_sequence(True, monkeypatch, max_voxels, weighting, cam=cam, strides=strides, guide=guide)
     assert fusion_kernels.available(), fusion_kernels._BROKEN
-    b, sb = run_sequence(False, monkeypatch, max_voxels, weighting, cam=cam, strides=strides)
+    b, sb = run_sequence(False, monkeypatch, max_voxels, weighting, cam=cam, strides=strides, guide=guide)
     assert sa == sb
     # Same voxels in the same slots (the kernels sort keys like the torch path), same integer fields.
     for name in ("keys", "counts", "last_seen"):
@@ -91,8 +92,8 @@ def test_torch_path_without_kernels(monkeypatch):
 
 
 @needs_numba
-@pytest.mark.parametrize("grid", [(1, 1), (1, 7), (5, 1)])
-def test_degenerate_feature_grids_and_empty_frames_match(monkeypatch, grid):
+@pytest.mark.parametrize("grid,guide", [((1, 1), 0.0), ((1, 7), 0.0), ((5, 1), 0.0), ((1, 7), 0.05), ((5, 1), 0.05)])
+def test_degenerate_feature_grids_and_empty_frames_match(monkeypatch, grid, guide):
     """1-cell-wide feature maps (coinciding bilinear corners) and a frame without valid depth, both paths."""
     rng = np.random.default_rng(5)
     fmap = torch.randn(*grid, 4, generator=torch.Generator().manual_seed(5))
@@ -104,7 +105,7 @@ def test_degenerate_feature_grids_and_empty_frames_match(monkeypatch, grid):
         vm = VoxelMap(VS, 4)
         st = vm.fuse_frame(np.full_like(depth, np.nan), fmap, rgb, CAM, look_down_pose(1.0))
         assert (st.new, st.points) == (0, 0) and len(vm) == 0 and vm.origin is not None
-        vm.fuse_frame(depth, fmap, rgb, CAM, look_down_pose(1.2), stride=2)
+        vm.fuse_frame(depth, fmap, rgb, CAM, look_down_pose(1.2), stride=2, guide_sigma=guide)
         maps.append(vm)
     a, b = maps
     assert torch.equal(a.keys, b.keys) and torch.equal(a.counts, b.counts)

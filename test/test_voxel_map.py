@@ -463,3 +463,81 @@ def test_feature_fold_block_size_does_not_change_the_map(monkeypatch, max_voxels
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     if max_voxels == 700:
         assert len(a) == 700
+
+
+def guided_reference_features(depth, fmap, pix, z, sigma):
+    """Per-point depth-guided samples written out directly: bilinear corners (border-clamped as grid_sample), each
+    times exp(-((z - z_cell) / (sigma z))^2 / 2) with z_cell the depth at the pixel nearest the cell centre."""
+    H, W = depth.shape
+    h, w, _ = fmap.shape
+    out = []
+    for (row, col), zp in zip(pix.tolist(), z.tolist()):
+        fy = min(max((row + 0.5) * h / H - 0.5, 0), h - 1)
+        fx = min(max((col + 0.5) * w / W - 0.5, 0), w - 1)
+        y0, x0 = min(int(math.floor(fy)), h - 2), min(int(math.floor(fx)), w - 2)
+        acc, tot = 0, 0.0
+        for yy, xx in ((y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)):
+            b = (1 - abs(fx - xx)) * (1 - abs(fy - yy))
+            zc = float(depth[min(int((yy + 0.5) * H / h), H - 1), min(int((xx + 0.5) * W / w), W - 1)])
+            g = math.exp(-0.5 * ((zp - zc) / (sigma * zp)) ** 2) if math.isfinite(zc) else 0.0
+            acc = acc + b * max(g, 1e-4) * fmap[yy, xx]
+            tot += b * max(g, 1e-4)
+        out.append(acc / tot)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+def test_depth_guided_sampling_matches_per_point_reference(monkeypatch, kernels):
+    """fuse_frame(guide_sigma) == fuse of per-point depth-guided samples (both fusion paths)."""
+    from geopurify_ros import fusion_kernels
+    monkeypatch.setattr(fusion_kernels, "ENABLED", kernels and fusion_kernels.ENABLED)
+    D, sigma = 4, 0.05
+    fmap = torch.randn(15, 20, D, generator=torch.Generator().manual_seed(2))
+    rng = np.random.default_rng(2)
+    depth = np.where(rng.random((CAM.height, CAM.width)) < 0.5, 1.0, 1.08).astype(np.float32)   # rough surface
+    depth[::9, ::4] = np.nan                                                                   # some cell centres too
+    T = look_down_pose(1.9)
+    a = VoxelMap(VS, D)
+    a.fuse_frame(depth, fmap, np.full((CAM.height, CAM.width, 3), 100, np.uint8), CAM, T, stride=3,
+                 guide_sigma=sigma)
+    pts, pix, z = backproject(torch.from_numpy(depth), CAM, T, stride=3)
+    b = VoxelMap(VS, D)
+    b.fuse(pts, guided_reference_features(depth, fmap, pix, z, sigma), torch.full((pts.shape[0], 3), 100, dtype=torch.uint8),
+           1.0 / z**2, 0.0, T[:3, 3])
+    assert torch.equal(a.keys, b.keys)
+    np.testing.assert_allclose(a.features_f32().numpy(), b.features_f32().numpy(), atol=3e-3, rtol=0)
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+def test_depth_guidance_keeps_an_objects_feature_off_the_wall_behind_it(monkeypatch, kernels):
+    """A step edge: the near half of the image sees feature A, the far half B. Bilinear sampling smears A onto far
+    voxels at the silhouette; depth-guided sampling keeps every far voxel's A share under 1 %."""
+    from geopurify_ros import fusion_kernels
+    monkeypatch.setattr(fusion_kernels, "ENABLED", kernels and fusion_kernels.ENABLED)
+    h, w = 15, 20
+    edge = 86                                        # depth step just right of a cell centre (col 84)
+    depth = np.full((CAM.height, CAM.width), 2.0, np.float32)
+    depth[:, :edge] = 1.0
+    cell_cols = (np.arange(w) + 0.5) * CAM.width / w
+    fmap = torch.zeros(h, w, 2)
+    fmap[:, cell_cols < edge, 0] = 1.0               # A: cells whose centre sees the near surface
+    fmap[:, cell_cols >= edge, 1] = 1.0              # B: the far surface
+    rgb = np.full((CAM.height, CAM.width, 3), 100, np.uint8)
+    far_share = {}
+    for sigma in (0.0, 0.02):
+        vm = VoxelMap(VS, 2)
+        vm.fuse_frame(depth, fmap, rgb, CAM, np.eye(4), stride=1, guide_sigma=sigma)
+        far = vm.xyz[:, 2] > 1.5
+        f = vm.features_f32()[far]
+        far_share[sigma] = float((f[:, 0] / f.sum(1)).max())
+    assert far_share[0.0] > 0.2 and far_share[0.02] < 0.01, far_share
+
+
+def test_guide_sigma_must_be_finite_and_non_negative():
+    vm = VoxelMap(VS, 2)
+    depth = np.ones((CAM.height, CAM.width), np.float32)
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="guide_sigma"):
+            vm.fuse_frame(depth, torch.ones(15, 20, 2), np.zeros((CAM.height, CAM.width, 3), np.uint8), CAM, np.eye(4),
+                          guide_sigma=bad)
+    assert len(vm) == 0

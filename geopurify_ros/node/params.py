@@ -109,6 +109,8 @@ _PIPELINE_DOC = {
     "min_depth": ("Minimum depth used for fusion [m]", (0.0, 100.0)),
     "max_depth": ("Maximum depth used for fusion [m]", (0.0, 100.0)),
     "depth_weighting": ("Fusion weights: depth (closer = heavier) | uniform", None),
+    "depth_guide_sigma": ("Depth-guided feature sampling: a feature cell's weight for a point falls with "
+                          "|z - z_cell| / (sigma z) (joint bilateral upsampling); 0 = plain bilinear", (0.0, 10.0)),
     "purify_mode": ("Feature purification: raw | purified | pooled", None),
     "student_checkpoint": ("Student affinity network checkpoint ('' = shipped checkpoint)", None),
     "pooling_iterations": ("Geometry-guided pooling iterations", (0, 100)),
