@@ -81,20 +81,46 @@ if njit is not None:
             return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
         return sig, codegen
 
+    @njit(cache=True, nogil=True, inline="always")
+    def _affinity(d, floor):
+        """``voxel_map.depth_affinity``: (1 - d^2 / 2048)_+^1024 (≈ exp(-d^2 / 2)) by ten squarings, at least ``floor``
+        (NaN: ``floor``). No call and no branch, so `_guide_weights`' loop vectorises (expf made it 2x slower)."""
+        e = np.float32(1.0) - np.float32(1.0 / 2048.0) * d * d
+        e = e if e > np.float32(0.0) else np.float32(0.0)
+        for _ in range(10):
+            e *= e
+        return e if e >= floor else floor
+
     @njit(cache=True, nogil=True)
-    def _guide(zv, zc, k, floor):
-        """Depth affinity of a point at depth zv to a feature cell whose centre is at depth zc (NaN: floor)."""
-        d = (zv - zc) * k
-        x = np.float32(0.5) * d * d
-        if x < np.float32(0.125):    # most points (smooth surfaces): Taylor, error < x^4/24 = 1e-5; half expf's cost
-            return np.float32(1.0) - x * (np.float32(1.0) - x * (np.float32(0.5) - x * np.float32(1.0 / 6.0)))
-        e = np.exp(-x)
-        return e if e >= floor else floor       # NaN (no cell depth) fails the test
+    def _guide_weights(depth, stride, cell_grid, frac_grid, cell_depth, inv_sigma, floor, dx, dy, out):
+        """Per pixel g of the stride grid: its depth-guided corner weights c01, c10, c11 into out[g] (c00 = 1 - their
+        sum; ``voxel_map.guided_corner_weights``): bilinear weight x `_affinity((z - z_cell) / (sigma z))`,
+        renormalised. A pass of its own (pixels are independent), so it vectorises; rows of pixels without valid depth
+        hold NaN and are never read."""
+        hs = (depth.shape[0] + stride - 1) // stride
+        ws = (depth.shape[1] + stride - 1) // stride
+        one = np.float32(1.0)
+        for row in range(hs):
+            drow = depth[row * stride]
+            for col in range(ws):
+                g = row * ws + col
+                zv = drow[col * stride]
+                k = inv_sigma / zv
+                c = cell_grid[g]
+                ax, ay = frac_grid[g, 0], frac_grid[g, 1]
+                t0 = (one - ax) * (one - ay) * _affinity((zv - cell_depth[c]) * k, floor)
+                t1 = ax * (one - ay) * _affinity((zv - cell_depth[c + dx]) * k, floor)
+                t2 = (one - ax) * ay * _affinity((zv - cell_depth[c + dy]) * k, floor)
+                t3 = ax * ay * _affinity((zv - cell_depth[c + dy + dx]) * k, floor)
+                sc = one / (t0 + t1 + t2 + t3)
+                out[g, 0] = t1 * sc
+                out[g, 1] = t2 * sc
+                out[g, 2] = t3 * sc
 
     @njit(cache=True, nogil=True)
     def _group_frame(depth, stride, min_depth, max_depth, uniform, rays, rot, trans, cell_grid, frac_grid, pix_flat,
-                     rgb, voxel_size, key_min, key_max, key_offset, key_bits, cell_depth, inv_sigma, guide_floor, dx,
-                     dy, table, vkeys, vslot, vsum, vcnt, vhead, pcell, pnext, pvox, psum):
+                     rgb, voxel_size, key_min, key_max, key_offset, key_bits, guided, corner_weights, table, vkeys,
+                     vslot, vsum, vcnt, vhead, pcell, pnext, pvox, psum):
         hs = (depth.shape[0] + stride - 1) // stride
         ws = (depth.shape[1] + stride - 1) // stride
         vs = np.float32(voxel_size)
@@ -172,19 +198,11 @@ if njit is not None:
                     last_cell, last_p = cell, p
                 wi = one if uniform else one / (zv * zv)
                 ax, ay = frac_grid[g, 0], frac_grid[g, 1]
-                if inv_sigma > 0:
-                    # depth-guided: bilinear corner weights times depth affinity, renormalised; sums of w * c01,
-                    # w * c10, w * c11 (c00 follows from the weight sum in _group_csr)
-                    k = inv_sigma / zv
-                    t0 = (one - ax) * (one - ay) * _guide(zv, cell_depth[cell], k, guide_floor)
-                    t1 = ax * (one - ay) * _guide(zv, cell_depth[cell + dx], k, guide_floor)
-                    t2 = (one - ax) * ay * _guide(zv, cell_depth[cell + dy], k, guide_floor)
-                    t3 = ax * ay * _guide(zv, cell_depth[cell + dy + dx], k, guide_floor)
-                    sc = wi / (t0 + t1 + t2 + t3)
+                if guided:       # sums of w * (c01, c10, c11); c00 follows from the weight sum in _group_csr
                     psum[p, 0] += wi
-                    psum[p, 1] += t1 * sc
-                    psum[p, 2] += t2 * sc
-                    psum[p, 3] += t3 * sc
+                    psum[p, 1] += wi * corner_weights[g, 0]
+                    psum[p, 2] += wi * corner_weights[g, 1]
+                    psum[p, 3] += wi * corner_weights[g, 2]
                 else:
                     wax = wi * ax
                     psum[p, 0] += wi
@@ -325,6 +343,7 @@ class Workspace:
         self.ukeys, self.cells = np.empty(n, np.int64), np.empty(n, np.int64)
         self.per_vox, self.cw = np.empty((n, 7), np.float32), np.empty((n, 4), np.float32)
         self.start = np.empty(n + 1, np.int64)
+        self.gw = np.empty((n, 3), np.float32)           # depth-guided corner weights per grid pixel
         self.n = n
 
 
@@ -342,13 +361,13 @@ def group_frame(ws: Workspace, depth, stride: int, min_depth: float, max_depth: 
     n = ((depth.shape[0] + stride - 1) // stride) * ((depth.shape[1] + stride - 1) // stride)
     ws.ensure(n)
     guided = guide_sigma > 0
-    if cell_depth is None:
-        cell_depth = np.zeros(1, np.float32)
+    if guided:
+        _guide_weights(depth, int(stride), cell_grid, frac_grid, cell_depth, np.float32(1.0 / guide_sigma),
+                       np.float32(guide_floor), int(dx), int(dy), ws.gw)
     m, p = _group_frame(depth, int(stride), float(min_depth), float(max_depth), bool(uniform), rays, rot, trans,
                         cell_grid, frac_grid, pix_flat, rgb, float(voxel_size), float(key_min), float(key_max),
-                        int(key_offset), int(key_bits), cell_depth, np.float32(1.0 / guide_sigma if guided else 0.0),
-                        np.float32(guide_floor), int(dx), int(dy), ws.table, ws.vkeys, ws.vslot, ws.vsum, ws.vcnt,
-                        ws.vhead, ws.pcell, ws.pnext, ws.pvox, ws.psum)
+                        int(key_offset), int(key_bits), guided, ws.gw, ws.table, ws.vkeys, ws.vslot, ws.vsum,
+                        ws.vcnt, ws.vhead, ws.pcell, ws.pnext, ws.pvox, ws.psum)
     order = np.argsort(ws.vkeys[:m])                 # numpy's sort: ~2x numba's on 10k keys
     _group_csr(order, p, ws.vkeys, ws.vsum, ws.vcnt, ws.vhead, ws.pcell, ws.pvox, ws.psum, guided, ws.ukeys,
                ws.per_vox, ws.cnt, ws.start, ws.cells, ws.cw)

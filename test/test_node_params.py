@@ -41,6 +41,7 @@ def test_yaml_holds_every_parameter_with_the_declared_default():
     ("cloud_color", "label"),
     ("depth_encoding", "rgb8"), ("keyframe_min_rotation_deg", 270.0), ("map_frame", " "),
     ("voxel_size", 0.0), ("eviction", "random"), ("class_names", ["only_one"]), ("torch_threads", -1),
+    ("depth_guide_sigma", -0.01), ("depth_guide_sigma", float("nan")),
 ])
 def test_bad_values_are_rejected_naming_the_parameter(name, value):
     values = dict(yaml_params(), **{name: value})

@@ -467,7 +467,8 @@ def test_feature_fold_block_size_does_not_change_the_map(monkeypatch, max_voxels
 
 def guided_reference_features(depth, fmap, pix, z, sigma):
     """Per-point depth-guided samples written out directly: bilinear corners (border-clamped as grid_sample), each
-    times exp(-((z - z_cell) / (sigma z))^2 / 2) with z_cell the depth at the pixel nearest the cell centre."""
+    times (1 - d^2 / 2048)^1024 (≈ exp(-d^2 / 2)) for d = (z - z_cell) / (sigma z), z_cell the depth at the pixel
+    nearest the cell centre."""
     H, W = depth.shape
     h, w, _ = fmap.shape
     out = []
@@ -479,7 +480,7 @@ def guided_reference_features(depth, fmap, pix, z, sigma):
         for yy, xx in ((y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)):
             b = (1 - abs(fx - xx)) * (1 - abs(fy - yy))
             zc = float(depth[min(int((yy + 0.5) * H / h), H - 1), min(int((xx + 0.5) * W / w), W - 1)])
-            g = math.exp(-0.5 * ((zp - zc) / (sigma * zp)) ** 2) if math.isfinite(zc) else 0.0
+            g = max(1 - ((zp - zc) / (sigma * zp)) ** 2 / 2048, 0.0) ** 1024 if math.isfinite(zc) else 0.0
             acc = acc + b * max(g, 1e-4) * fmap[yy, xx]
             tot += b * max(g, 1e-4)
         out.append(acc / tot)
@@ -531,6 +532,14 @@ def test_depth_guidance_keeps_an_objects_feature_off_the_wall_behind_it(monkeypa
         f = vm.features_f32()[far]
         far_share[sigma] = float((f[:, 0] / f.sum(1)).max())
     assert far_share[0.0] > 0.2 and far_share[0.02] < 0.01, far_share
+
+
+def test_depth_affinity_is_a_gaussian_with_a_floor():
+    from geopurify_ros.voxel_map import GUIDE_FLOOR, depth_affinity
+    d = torch.linspace(0, 4.2, 50)
+    np.testing.assert_allclose(depth_affinity(d).numpy(), np.maximum(np.exp(-0.5 * d.numpy() ** 2), GUIDE_FLOOR),
+                               rtol=0.03, atol=1e-5)
+    assert depth_affinity(torch.tensor([float("nan"), 1e3])).tolist() == pytest.approx([GUIDE_FLOOR] * 2)
 
 
 def test_guide_sigma_must_be_finite_and_non_negative():
