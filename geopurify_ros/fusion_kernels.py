@@ -7,7 +7,8 @@ memory and their dispatch cost dominate (bench/bench_fusion.py). Here the same a
 * ``group_frame``: depth -> world points (``camera.backproject_grid``'s float32 operations, in its order) -> sorted
   unique voxel keys, per-voxel weighted sums (weight, xyz, rgb, count) and per (voxel, cell) pair the four bilinear
   corner weights, in CSR order by voxel. Voxels are found through a hash table after trying the previous pixel's
-  and the pixel above's voxel, which answer most points;
+  and the pixel above's voxel, which answer most points. With depth guidance, a vectorised pass first gives every
+  grid pixel its guided corner weights (``_guide_weights``), which the grouping then sums instead of the bilinear ones;
 * ``update_existing``: the running-mean update of the voxels already in the map (position, colour, weight, count);
 * ``fold_features``: per voxel, the bilinear feature sum ``sum_pairs sum_corners w * F[cell]`` scaled, blended
   with the stored float16 row and written back as float16 (conversions are LLVM ``fpext``/``fptrunc``, i.e. the
