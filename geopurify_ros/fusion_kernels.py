@@ -199,17 +199,15 @@ if njit is not None:
                     last_cell, last_p = cell, p
                 wi = one if uniform else one / (zv * zv)
                 ax, ay = frac_grid[g, 0], frac_grid[g, 1]
-                if guided:       # sums of w * (c01, c10, c11); c00 follows from the weight sum in _group_csr
-                    psum[p, 0] += wi
-                    psum[p, 1] += wi * corner_weights[g, 0]
-                    psum[p, 2] += wi * corner_weights[g, 1]
-                    psum[p, 3] += wi * corner_weights[g, 2]
+                # sums of w and w * (c01, c10, c11); c00 follows from the weight sum in _group_csr
+                if guided:
+                    c01, c10, c11 = corner_weights[g, 0], corner_weights[g, 1], corner_weights[g, 2]
                 else:
-                    wax = wi * ax
-                    psum[p, 0] += wi
-                    psum[p, 1] += wax
-                    psum[p, 2] += wi * ay
-                    psum[p, 3] += wax * ay
+                    c01, c10, c11 = ax * (one - ay), (one - ax) * ay, ax * ay
+                psum[p, 0] += wi
+                psum[p, 1] += wi * c01
+                psum[p, 2] += wi * c10
+                psum[p, 3] += wi * c11
                 c = pix_flat[g]
                 vsum[v, 0] += wi
                 vsum[v, 1] += wi * x
@@ -224,8 +222,7 @@ if njit is not None:
         return m, npair
 
     @njit(cache=True, nogil=True)
-    def _group_csr(order, npair, vkeys, vsum, vcnt, vhead, pcell, pvox, psum, guided, ukeys, per_vox, cnt, start, cells,
-                   cw):
+    def _group_csr(order, npair, vkeys, vsum, vcnt, vhead, pcell, pvox, psum, ukeys, per_vox, cnt, start, cells, cw):
         """Voxels in ``order`` (sorted keys: the map's index wants them), pairs in CSR order by sorted voxel."""
         m = order.shape[0]
         for r in range(m):
@@ -245,18 +242,11 @@ if njit is not None:
             r = vhead[pvox[p]]
             q = start[r]                             # start[r] advances while filling; restored below
             start[r] = q + 1
-            s0, sx, sy, sxy = psum[p, 0], psum[p, 1], psum[p, 2], psum[p, 3]
-            cells[q] = pcell[p]
-            if guided:                               # psum = (w, w*c01, w*c10, w*c11)
-                cw[q, 0] = s0 - sx - sy - sxy
-                cw[q, 1] = sx
-                cw[q, 2] = sy
-                cw[q, 3] = sxy
-            else:                                    # psum = (w, w*ax, w*ay, w*ax*ay); corners 00, 01, 10, 11
-                cw[q, 0] = s0 - sx - sy + sxy
-                cw[q, 1] = sx - sxy
-                cw[q, 2] = sy - sxy
-                cw[q, 3] = sxy
+            cells[q] = pcell[p]                      # psum = (w, w*c01, w*c10, w*c11); corners 00, 01, 10, 11
+            cw[q, 0] = psum[p, 0] - psum[p, 1] - psum[p, 2] - psum[p, 3]
+            cw[q, 1] = psum[p, 1]
+            cw[q, 2] = psum[p, 2]
+            cw[q, 3] = psum[p, 3]
         for r in range(m - 1, 0, -1):
             start[r] = start[r - 1]
         start[0] = 0
@@ -370,8 +360,8 @@ def group_frame(ws: Workspace, depth, stride: int, min_depth: float, max_depth: 
                         int(key_offset), int(key_bits), guided, ws.gw, ws.table, ws.vkeys, ws.vslot, ws.vsum,
                         ws.vcnt, ws.vhead, ws.pcell, ws.pnext, ws.pvox, ws.psum)
     order = np.argsort(ws.vkeys[:m])                 # numpy's sort: ~2x numba's on 10k keys
-    _group_csr(order, p, ws.vkeys, ws.vsum, ws.vcnt, ws.vhead, ws.pcell, ws.pvox, ws.psum, guided, ws.ukeys,
-               ws.per_vox, ws.cnt, ws.start, ws.cells, ws.cw)
+    _group_csr(order, p, ws.vkeys, ws.vsum, ws.vcnt, ws.vhead, ws.pcell, ws.pvox, ws.psum, ws.ukeys, ws.per_vox,
+               ws.cnt, ws.start, ws.cells, ws.cw)
     return ws.ukeys[:m], ws.per_vox[:m], ws.cnt[:m], ws.start[:m + 1], ws.cells[:p], ws.cw[:p]
 
 

@@ -114,9 +114,10 @@ def _row_view(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return _wide_rows(t)
 
 
-def _sample_grid(cam: CameraModel, stride: int, h: int, w: int, dev) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _sample_grid(cam: CameraModel, stride: int, h: int, w: int, dev) -> tuple[torch.Tensor, ...]:
     """Per pixel of ``camera.stride_grid``: flat pixel index (n,) long, top-left cell (n,) long of the bilinear
-    sample in an (h, w) feature grid, and the fractions (n, 2) float32 (ax, ay); cached (they only depend on geometry).
+    sample in an (h, w) feature grid, and the fractions (n, 2) float32 (ax, ay); and per feature cell the flat index
+    (h * w,) long of the pixel nearest its centre (`cell_depths`). Cached: they only depend on geometry.
 
     Full-res pixel centre (row, col) samples the low-res grid at ((row+0.5)*h/H - 0.5, (col+0.5)*w/W - 0.5), clamped
     to the border (= grid_sample(align_corners=False, padding_mode="border")).
@@ -130,7 +131,10 @@ def _sample_grid(cam: CameraModel, stride: int, h: int, w: int, dev) -> tuple[to
         fx = ((pix[:, 1].to(torch.float32) + 0.5) * (w / W) - 0.5).clamp_(0, w - 1)
         y0 = fy.floor().clamp_(max=max(h - 2, 0))
         x0 = fx.floor().clamp_(max=max(w - 2, 0))
-        hit = (pix[:, 0] * W + pix[:, 1], y0.to(torch.int64) * w + x0.to(torch.int64), torch.stack((fx - x0, fy - y0), 1))
+        rows = ((torch.arange(h, device=dev) + 0.5) * (H / h)).long().clamp_(max=H - 1)
+        cols = ((torch.arange(w, device=dev) + 0.5) * (W / w)).long().clamp_(max=W - 1)
+        hit = (pix[:, 0] * W + pix[:, 1], y0.to(torch.int64) * w + x0.to(torch.int64), torch.stack((fx - x0, fy - y0), 1),
+               (rows[:, None] * W + cols[None, :]).reshape(-1))
         if len(_SAMPLE_GRIDS) >= 8:
             _SAMPLE_GRIDS.clear()
         _SAMPLE_GRIDS[key] = hit
@@ -141,24 +145,17 @@ _SAMPLE_GRIDS: dict = {}
 GUIDE_FLOOR = 1e-4     # depth affinity of a cell at another depth (or with no depth): all four that far = bilinear
 
 
-def cell_depths(depth: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(h * w,) float32: the depth at the full-resolution pixel nearest each (h, w) feature cell's centre (NaN where
-    the depth is missing): the depth the cell's feature describes, for depth-guided sampling."""
-    H, W = depth.shape
-    key = (H, W, h, w, str(depth.device))
-    idx = _CELL_CENTRES.get(key)
-    if idx is None:                       # flat index of each cell's centre pixel (cached: geometry only)
-        rows = ((torch.arange(h, device=depth.device) + 0.5) * (H / h)).long().clamp_(max=H - 1)
-        cols = ((torch.arange(w, device=depth.device) + 0.5) * (W / w)).long().clamp_(max=W - 1)
-        idx = (rows[:, None] * W + cols[None, :]).reshape(-1)
-        if len(_CELL_CENTRES) >= 8:
-            _CELL_CENTRES.clear()
-        _CELL_CENTRES[key] = idx
-    zc = depth.reshape(-1).index_select(0, idx).to(torch.float32)
+def cell_depths(depth: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """(h * w,) float32: the depth at the pixel nearest each feature cell's centre (``centres``, from `_sample_grid`),
+    NaN where the depth is missing: the depth the cell's feature describes, for depth-guided sampling."""
+    zc = depth.reshape(-1).index_select(0, centres).to(torch.float32)
     return zc.masked_fill_(~(zc > 0), float("nan"))
 
 
-_CELL_CENTRES: dict = {}
+def bilinear_corner_weights(ax: torch.Tensor, ay: torch.Tensor) -> torch.Tensor:
+    """(N, 4) bilinear weights of the corners 00, 01, 10, 11 for fractions ax, ay (N,)."""
+    bx, by = 1 - ax, 1 - ay
+    return torch.stack((bx * by, ax * by, bx * ay, ax * ay), 1)
 
 
 def depth_affinity(d: torch.Tensor) -> torch.Tensor:
@@ -180,9 +177,7 @@ def guided_corner_weights(ax: torch.Tensor, ay: torch.Tensor, z: torch.Tensor, c
     Why: a stride-8 cell on an object's silhouette is blended into the wall behind it (and the wall into the object)
     by plain bilinear sampling; weighting by depth agreement keeps each 3D point's feature from cells on its own
     surface. ax, ay, z (N,); corner_depth (N, 4)."""
-    bx, by = 1 - ax, 1 - ay
-    b = torch.stack((bx * by, ax * by, bx * ay, ax * ay), 1)
-    c = b * depth_affinity((z[:, None] - corner_depth) / (sigma * z[:, None]))
+    c = bilinear_corner_weights(ax, ay) * depth_affinity((z[:, None] - corner_depth) / (sigma * z[:, None]))
     return c / c.sum(1, keepdim=True)
 
 
@@ -572,7 +567,7 @@ class VoxelMap:
         h, wf = feature_map.shape[:2]
         hw = h * wf
         # Per grid pixel (cached): flat pixel index, top-left feature cell, bilinear fractions (ax, ay).
-        flat, cell_grid, frac_grid = _sample_grid(cam, stride, h, wf, dev)
+        flat, cell_grid, frac_grid, centres = _sample_grid(cam, stride, h, wf, dev)
         cell0 = cell_grid.index_select(0, gidx)
         ax, ay = frac_grid.index_select(0, gidx).unbind(1)
         ukeys, pvox, pcell, pinv = _group_pairs(ijk, cell0, hw, bounds)
@@ -586,12 +581,10 @@ class VoxelMap:
         per_point[0] = w
         if guide_sigma > 0:      # rows 1-3: w * (c01, c10, c11); c00 = 1 - the others
             corners = torch.stack((cell0, cell0 + dx, cell0 + dy, cell0 + dy + dx), 1)
-            c = guided_corner_weights(ax, ay, z, cell_depths(depth, h, wf)[corners], guide_sigma)
-            torch.mul(c[:, 1:].t(), w, out=per_point[1:4])
-        else:                    # rows 1-3: w * (ax, ay, ax * ay)
-            torch.mul(w, ax, out=per_point[1])
-            torch.mul(w, ay, out=per_point[2])
-            torch.mul(per_point[1], ay, out=per_point[3])
+            c = guided_corner_weights(ax, ay, z, cell_depths(depth, centres)[corners], guide_sigma)
+        else:
+            c = bilinear_corner_weights(ax, ay)
+        torch.mul(c[:, 1:].t(), w, out=per_point[1:4])
         torch.mul(points.t(), w, out=per_point[4:7])
         torch.mul(colors.t(), w, out=per_point[7:10])
         npair = pvox.numel()
@@ -600,10 +593,7 @@ class VoxelMap:
         per_vox = torch.zeros((7, m), device=dev).index_add_(1, pvox, per_pair[[0, 4, 5, 6, 7, 8, 9]]).t().contiguous()
         cnt = torch.zeros(m, dtype=torch.int64, device=dev).index_add_(0, pvox, pcount).to(torch.int32)
         s0, s1, s2, s3 = per_pair[:4]
-        if guide_sigma > 0:
-            cw = torch.stack((s0 - s1 - s2 - s3, s1, s2, s3), 1)
-        else:
-            cw = torch.stack((s0 - s1 - s2 + s3, s1 - s3, s2 - s3, s3), 1)  # (P,4) corners 00, 01, 10, 11
+        cw = torch.stack((s0 - s1 - s2 - s3, s1, s2, s3), 1)               # (P,4) corners 00, 01, 10, 11
         cols = torch.stack((pcell, pcell + dx, pcell + dy, pcell + dy + dx), 1).reshape(-1)
         fmap = feature_map.reshape(hw, self.feature_dim).float()
         # Bag (voxel) v owns entries [start[v], start[v+1]) of ``cols``; pairs are grouped by ascending voxel.
@@ -641,10 +631,10 @@ class VoxelMap:
         the torch path, in three passes (group, update of existing voxels, feature fold) instead of ~100 ops."""
         h, wf = feature_map.shape[:2]
         _, rays = stride_grid(cam, stride, self.device)
-        flat, cell_grid, frac_grid = _sample_grid(cam, stride, h, wf, self.device)
+        flat, cell_grid, frac_grid, centres = _sample_grid(cam, stride, h, wf, self.device)
         Tf = torch.as_tensor(T, dtype=torch.float32)      # backproject_grid's float32 pose
         dx, dy = (1 if wf > 1 else 0), (wf if h > 1 else 0)
-        zc = cell_depths(depth, h, wf).numpy() if guide_sigma > 0 else None
+        zc = cell_depths(depth, centres).numpy() if guide_sigma > 0 else None
         ukeys, per_vox, cnt, start, cells, cw = (torch.from_numpy(x) for x in fusion_kernels.group_frame(
             self._workspace(), depth.contiguous().numpy(), stride, min_depth, max_depth, weighting == "uniform",
             rays.numpy(), Tf[:3, :3].contiguous().numpy(), Tf[:3, 3].contiguous().numpy(), cell_grid.numpy(),
