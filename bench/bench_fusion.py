@@ -3,7 +3,9 @@
 Prints plain numbers and ratios to the targets (<= 15 ms/frame on CPU at stride 2; <= 1 KiB/voxel). No asserts.
 D defaults to that of the default backend (lseg: 129, its output subspace); `--dim 384` = lseg's full features.
 Sampling: the default config's depth-guided sampling (`depth_guide_sigma`), and plain bilinear at stride 2 beside it.
+`--ab-guide`: the paired cost of depth-guided sampling, frames alternating between a guided and a bilinear map.
 Usage: python bench/bench_fusion.py [--frames 20] [--threads N] [--voxels 200000] [--dim D] [--guide-sigma S]
+       [--ab-guide]
 """
 from __future__ import annotations
 
@@ -61,6 +63,27 @@ def time_fusion(device: str, stride: int, frames: int, dim: int, guide: float) -
     return statistics.median(times), min(times), statistics.median(cpu), int(statistics.median(touched))
 
 
+def paired_guide_cost(frames: int, dim: int, guide: float) -> None:
+    """Stride-2 CPU fusion, guided and bilinear into two maps, the order alternating each frame so machine load hits
+    both alike; prints min / median of each and the median paired difference."""
+    depth, rgb, fmap = (torch.from_numpy(a) if isinstance(a, np.ndarray) else a
+                        for a in synthetic_frame(np.random.default_rng(0), dim))
+    cam = CameraModel(W, H, 525.0, 525.0, 319.5, 239.5)
+    maps = {g: VoxelMap(0.05, dim, max_voxels=500_000) for g in (guide, 0.0)}
+    times = {g: [] for g in maps}
+    for i in range(frames + 3):
+        T = pose_to_matrix([0.01 * i, 0.005 * i, 0.0], [0.0, 0.002 * i, 0.0, 1.0])
+        for g in (list(maps) if i % 2 else list(maps)[::-1]):
+            t = time.perf_counter()
+            maps[g].fuse_frame(depth, fmap, rgb, cam, T, stamp=float(i), stride=2, guide_sigma=g)
+            if i >= 3:
+                times[g].append((time.perf_counter() - t) * 1e3)
+    (a, ta), (b, tb) = times.items()
+    print(f"paired, stride 2: guide {a:g} min {min(ta):.2f} median {statistics.median(ta):.2f} ms | bilinear min "
+          f"{min(tb):.2f} median {statistics.median(tb):.2f} ms | guide costs "
+          f"{statistics.median(np.array(ta) - np.array(tb)):+.2f} ms (median of {frames} pairs)")
+
+
 def bytes_per_voxel(n: int, dim: int) -> float:
     vm = VoxelMap(0.05, dim, max_voxels=n)
     side = int(np.ceil(n ** (1 / 3)))
@@ -77,11 +100,15 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=0, help="feature D (default: the default backend's)")
     ap.add_argument("--guide-sigma", type=float, default=PipelineConfig().depth_guide_sigma,
                     help="depth_guide_sigma (default: the config default; 0 = bilinear)")
+    ap.add_argument("--ab-guide", action="store_true", help="only the paired guided / bilinear cost (CPU, stride 2)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     heap.configure()        # the node's heap settings: a frame costs here what it costs in the node
     dim = args.dim or feature_basis().shape[1]
+    if args.ab_guide:
+        paired_guide_cost(args.frames, dim, args.guide_sigma or PipelineConfig().depth_guide_sigma)
+        return
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"torch {torch.__version__}, cpu threads {torch.get_num_threads()}, {os.cpu_count()} cores, "

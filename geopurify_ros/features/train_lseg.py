@@ -61,12 +61,15 @@ def embed_texts(texts: list[str], templates, device) -> torch.Tensor:
 
 
 class FeatureSet:
-    """Backbone maps (float16, in CPU memory) and per-cell targets of many frames; the backbone runs on `device`."""
+    """Backbone maps (float16, in CPU memory) and per-cell targets of many frames; the backbone runs on `device`.
+    ``keep_f32`` False: the stride-32 maps are not kept (``f32`` None), for a run that computes them with a stage
+    being trained and has no teacher to feed them to (at 448x320 they are the largest of the three)."""
 
     def __init__(self, net, seeds, frames_per_scene: int, image_width: int, vocab: list[str], flip: bool, log,
-                 device: torch.device = torch.device("cpu")):
+                 device: torch.device = torch.device("cpu"), keep_f32: bool = True):
         self.vocab = vocab
         self.device = device
+        self.keep_f32 = keep_f32
         self.f8, self.f16, self.f32, self.targets, self.classes = [], [], [], [], []
         t0 = time.perf_counter()
         for n, seed in enumerate(seeds):
@@ -79,7 +82,8 @@ class FeatureSet:
             if log and (n + 1) % 10 == 0:
                 log(f"features: {n + 1}/{len(seeds)} scenes, {len(self.targets)} frames, "
                     f"{time.perf_counter() - t0:.0f} s")
-        self.f8, self.f16, self.f32 = (torch.stack(x) for x in (self.f8, self.f16, self.f32))
+        self.f8, self.f16 = torch.stack(self.f8), torch.stack(self.f16)
+        self.f32 = torch.stack(self.f32) if keep_f32 else None
         self.targets, self.classes = torch.stack(self.targets), torch.stack(self.classes)
 
     def vocab_index(self, text: str) -> int:
@@ -94,7 +98,8 @@ class FeatureSet:
         f8, f16, f32 = backbone_endpoints(net, normalise_for_lite(rgb, size, self.device))
         self.f8.append(f8[0].half().cpu().contiguous())
         self.f16.append(f16[0].half().cpu().contiguous())
-        self.f32.append(f32[0].half().cpu().contiguous())
+        if self.keep_f32:
+            self.f32.append(f32[0].half().cpu().contiguous())
         gh, gw = f8.shape[-2:]                     # targets at the head's output cells (stride 8)
         rows = ((np.arange(gh) + 0.5) * H / gh).astype(np.int64)      # cell centres, align_corners=False
         cols = ((np.arange(gw) + 0.5) * W / gw).astype(np.int64)
@@ -188,8 +193,10 @@ def train(args, log=print) -> dict:
                 else TrunkTail(plain, stride32_start(plain))).train()
     t0 = time.perf_counter()
     vocab: list[str] = []
-    train_set = FeatureSet(net, train_seeds, args.frames, args.image_width, vocab, flip=True, log=log, device=device)
-    val_set = FeatureSet(net, val_seeds, args.frames, args.image_width, vocab, flip=False, log=None, device=device)
+    train_set = FeatureSet(net, train_seeds, args.frames, args.image_width, vocab, flip=True, log=log, device=device,
+                           keep_f32=tail is None or bool(teachers))       # teachers read the frozen stage's maps
+    val_set = FeatureSet(net, val_seeds, args.frames, args.image_width, vocab, flip=False, log=None, device=device,
+                         keep_f32=tail is None)
     t_data = time.perf_counter() - t0
     log(f"data: {len(train_set)} training frames ({len(train_seeds)} rooms, mirrored), {len(val_set)} validation "
         f"frames, vocabulary {len(vocab)} texts, {t_data:.0f} s")
@@ -219,13 +226,14 @@ def train(args, log=print) -> dict:
     history = []
     for step in bar:
         idx = torch.from_numpy(rng.choice(len(train_set), args.batch, replace=False))
-        maps = batch_maps(train_set, idx, device)                     # the frozen backbone's (teachers see these)
-        emb = head(*(maps if tail is None else (maps[0], maps[1], tail(maps[1]))))
+        maps = batch_maps(train_set, idx, device, tail)               # f32 from the stage being trained, if any
+        emb = head(*maps)
         logits = torch.einsum("bdhw,vd->bvhw", emb, text_emb) / args.tau       # (B, V, gh, gw)
         loss = F.cross_entropy(logits, train_set.targets[idx].to(device), ignore_index=-1)
         rec = {"step": step + 1, "loss": round(loss.item(), 5)}
         if teachers:
-            cos = (emb * ensemble_embedding(teachers, maps)).sum(1).mean()
+            frozen = maps if tail is None else batch_maps(train_set, idx, device)     # teachers: the frozen stage
+            cos = (emb * ensemble_embedding(teachers, frozen)).sum(1).mean()
             loss = loss + args.distill_weight * (1 - cos)
             rec["teacher_cos"] = round(cos.item(), 5)
         opt.zero_grad(set_to_none=True)
