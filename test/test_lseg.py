@@ -274,3 +274,42 @@ def test_train_features_refuses_evaluation_seeds_and_missing_cuda(tmp_path, caps
     if not torch.cuda.is_available():
         assert main(["--out", str(tmp_path), "--seeds", "1000", "--device", "cuda"]) == 2
         assert "device" in capsys.readouterr().err
+
+
+def test_holdout_names_draws_per_class_and_keeps_structure():
+    """--holdout-names: per evaluation class with >= 2 names, round(F n) (>= 1) of them, seeded; a name's class is
+    its cells' majority; structural texts and single-name classes stay in; the validation view scores only the
+    held-out names' cells."""
+    from geopurify_ros.data.classes import IGNORE_LABEL
+    from geopurify_ros.features.train_lseg import FeatureSet, holdout_names, restrict_classes
+
+    names = ["wall", "chair", "table", "bed"]
+    fs = FeatureSet.__new__(FeatureSet)
+    fs.vocab = ["wall", "Oak chair", "Office chair", "Folding chair", "Stool", "Table", "Coffee table", "Bed"]
+    cls_of = [0, 1, 1, 1, 1, 2, 2, 3]
+    t = torch.arange(len(fs.vocab)).repeat_interleave(3).reshape(1, 1, -1)
+    fs.targets, fs.classes = t, torch.tensor(cls_of)[t]
+    fs.classes[0, 0, 4] = 2                             # one stray cell does not change "Office chair"'s class
+    held = holdout_names(fs, names, 0.25, seed=7)
+    assert held == holdout_names(fs, names, 0.25, seed=7)
+    by_class = {c: [i for i in held if cls_of[i] == c] for c in range(4)}
+    assert len(by_class[1]) == 1 and len(by_class[2]) == 1 and not by_class[0] and not by_class[3]
+    assert len(holdout_names(fs, names, 0.5, seed=7)) == 3
+    view = restrict_classes(fs, held)
+    shown = torch.isin(fs.targets, torch.tensor(held))
+    assert torch.equal(view.classes[shown], fs.classes[shown])
+    assert (view.classes[~shown] == IGNORE_LABEL).all() and fs.classes.ne(IGNORE_LABEL).all()
+
+
+def test_train_features_holdout_names_records_the_split_and_its_score(tmp_path):
+    from geopurify_ros.features.train_lseg import main
+
+    out = tmp_path / "h"
+    assert main(["--out", str(out), "--seeds", "1000", "--val-seeds", "1001", "--frames", "2", "--steps", "2",
+                 "--batch", "2", "--val-every", "2", "--image-width", "160", "--device", "cpu", "--no-progress",
+                 "--holdout-names", "0.5"]) == 0
+    record = json.loads((out / "lseg_head.json").read_text())
+    held = record["heldout_names"]
+    assert held["fraction"] == 0.5 and held["texts"] and 0.0 <= held["val_cell_miou"] <= 1.0
+    assert not {"wall", "floor"} & set(held["texts"])
+    assert "val_heldout_miou" in json.loads((out / "train_log.jsonl").read_text().splitlines()[-1])

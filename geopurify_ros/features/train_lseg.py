@@ -13,12 +13,16 @@
    vocabulary, and their mean is the better labeller).
 4. Validation: closed-set pixel mIoU with the evaluation class names (config/labels.yaml) on separate
    training-split rooms (seeds `--val-seeds`); evaluation seeds 0-99 are never touched here.
+   ``--holdout-names F`` makes it name-disjoint: about F of each class's catalogue names are left out of
+   training (their cells ignored, their texts out of the softmax), and validation also reports the cells
+   that show them, i.e. how the head does on furniture it never saw (what the evaluation rooms hold).
 
 Writes ``OUT/lseg_head.pt``, ``OUT/lseg_head.json`` (command, data, split, metrics), ``OUT/train_log.jsonl``.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -33,7 +37,7 @@ import torch.nn.functional as F
 
 from ..data.catalog import TRAIN_SEED_MIN, split_table
 from ..data.classes import IGNORE_LABEL, class_names as table_class_names
-from ..data.text_frames import cached_text_frames
+from ..data.text_frames import STRUCTURE_TEXT, cached_text_frames
 from ..device import resolve_device
 from ..eval.metrics import Scores, confusion_matrix
 from .conse import load_efficientnet_lite, network_input_size, normalise_for_lite, shared_text_encoder
@@ -142,6 +146,37 @@ def ensemble_embedding(heads: list[LSegHead], maps) -> torch.Tensor:
         return F.normalize(sum(h(*maps) for h in heads), dim=1)
 
 
+def holdout_names(fs: FeatureSet, class_names: list[str], fraction: float, seed: int) -> list[int]:
+    """Vocabulary indices left out of training: per evaluation class with >= 2 catalogue names seen in ``fs``,
+    round(fraction n) of them (at least 1), drawn with ``seed``; structural texts (wall, floor, ...) stay in.
+    A name's class is the one most of its cells carry."""
+    t, c = fs.targets.flatten().numpy(), fs.classes.flatten().numpy()
+    keep = (t >= 0) & (c >= 0) & (c < len(class_names))
+    counts = np.zeros((len(fs.vocab), len(class_names)), np.int64)
+    np.add.at(counts, (t[keep], c[keep]), 1)
+    structure = set(STRUCTURE_TEXT.values())
+    by_class: dict[int, list[int]] = {}
+    for i, name in enumerate(fs.vocab):
+        if counts[i].sum() and name not in structure:
+            by_class.setdefault(int(counts[i].argmax()), []).append(i)
+    rng = np.random.default_rng(seed)
+    held = []
+    for cls in sorted(by_class):
+        ids = sorted(by_class[cls], key=lambda i: fs.vocab[i])
+        if len(ids) >= 2:
+            k = max(1, int(round(fraction * len(ids))))
+            held += [ids[j] for j in rng.choice(len(ids), k, replace=False)]
+    return sorted(held)
+
+
+def restrict_classes(fs: FeatureSet, names: list[int]) -> FeatureSet:
+    """A view of ``fs`` whose class ids are ignored except on cells showing one of vocabulary ``names``."""
+    view = copy.copy(fs)
+    view.classes = torch.where(torch.isin(fs.targets, torch.tensor(names, dtype=fs.targets.dtype)), fs.classes,
+                               torch.full_like(fs.classes, IGNORE_LABEL))
+    return view
+
+
 def file_record(path) -> dict:
     return {"path": str(path), "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
 
@@ -202,6 +237,17 @@ def train(args, log=print) -> dict:
         f"frames, vocabulary {len(vocab)} texts, {t_data:.0f} s")
     text_emb = embed_texts(vocab, templates, "cpu").to(device)              # (V, 384), frozen
     names = list(table_class_names(args.labels))
+    targets, held, held_val = train_set.targets, [], None
+    if args.holdout_names:
+        seen = set(np.unique(train_set.targets.numpy()).tolist())
+        held = sorted(set(holdout_names(train_set, names, args.holdout_names, args.holdout_seed))
+                      | {i for i in range(len(vocab)) if i not in seen})          # val-only names: never trained
+        kept = [i for i in range(len(vocab)) if i not in held]
+        remap = torch.full((len(vocab) + 1,), -1, dtype=torch.int64)            # index -1 (no hit) stays -1
+        remap[kept] = torch.arange(len(kept))
+        targets, text_emb = remap[train_set.targets], text_emb[kept]
+        held_val = restrict_classes(val_set, held)
+        log(f"held out {len(held)} of {len(vocab)} texts: " + ", ".join(vocab[i] for i in held))
     from ..query import CLASS_ALIASES
     class_emb = embed_texts([CLASS_ALIASES.get(c.lower(), c) for c in names], templates, "cpu").to(device)
 
@@ -229,7 +275,7 @@ def train(args, log=print) -> dict:
         maps = batch_maps(train_set, idx, device, tail)               # f32 from the stage being trained, if any
         emb = head(*maps)
         logits = torch.einsum("bdhw,vd->bvhw", emb, text_emb) / args.tau       # (B, V, gh, gw)
-        loss = F.cross_entropy(logits, train_set.targets[idx].to(device), ignore_index=-1)
+        loss = F.cross_entropy(logits, targets[idx].to(device), ignore_index=-1)
         rec = {"step": step + 1, "loss": round(loss.item(), 5)}
         if teachers:
             frozen = maps if tail is None else batch_maps(train_set, idx, device)     # teachers: the frozen stage
@@ -244,6 +290,8 @@ def train(args, log=print) -> dict:
         if (step + 1) % args.val_every == 0 or step + 1 == args.steps:
             sc = closed_set_scores(head, val_set, class_emb, names, tail=tail)
             rec.update(val_miou=round(sc.miou, 4), val_macc=round(sc.macc, 4))
+            if held_val is not None:
+                rec.update(val_heldout_miou=round(closed_set_scores(head, held_val, class_emb, names, tail=tail).miou, 4))
             history.append(rec)
             log(json.dumps(rec))
         logf.write(json.dumps(rec) + "\n")
@@ -251,6 +299,16 @@ def train(args, log=print) -> dict:
     logf.close()
     t_train = time.perf_counter() - t1
     final = closed_set_scores(head, val_set, class_emb, names, tail=tail)
+
+    def per_class(sc: Scores) -> dict:
+        return {n: (None if np.isnan(v) else round(float(v), 4)) for n, v in zip(names, sc.iou) if sc.present[names.index(n)]}
+
+    heldout = None
+    if held_val is not None:
+        hs = closed_set_scores(head, held_val, class_emb, names, tail=tail)
+        heldout = {"fraction": args.holdout_names, "seed": args.holdout_seed, "texts": [vocab[i] for i in held],
+                   "val_cell_miou": round(hs.miou, 4), "val_cell_macc": round(hs.macc, 4),
+                   "val_per_class_iou": per_class(hs)}
     meta = {
         "what": "LSeg-style dense head for the lseg feature backend (EfficientNet-Lite0, "
                 + ("stride-32 stage fine-tuned" if tail is not None else "frozen") + ", + MiniLM text space)",
@@ -270,9 +328,8 @@ def train(args, log=print) -> dict:
                  "vocabulary": vocab},
         "split": split_table(),
         "metrics": {"val_cell_miou": round(final.miou, 4), "val_cell_macc": round(final.macc, 4),
-                    "val_per_class_iou": {n: (None if np.isnan(v) else round(float(v), 4))
-                                          for n, v in zip(names, final.iou) if final.present[names.index(n)]},
-                    "history": history},
+                    "val_per_class_iou": per_class(final), "history": history},
+        "heldout_names": heldout,
         "seconds": {"data": round(t_data, 1), "train": round(t_train, 1)},
         "machine": {"device": str(device), "threads": args.threads, "torch": torch.__version__,
                     "platform": platform.platform()},
@@ -312,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="weight of the cosine distillation loss against the label cross-entropy")
     ap.add_argument("--templates", nargs="*", default=None, help="text templates (default: 'a photo of a {}.')")
     ap.add_argument("--labels", default=None, help="labels.yaml for validation scores (default config/labels.yaml)")
+    ap.add_argument("--holdout-names", type=float, default=0.0, metavar="F",
+                    help="leave about F of each class's catalogue names out of training and report validation on "
+                         "their cells too (name-disjoint validation: furniture the head never saw); 0 = off")
+    ap.add_argument("--holdout-seed", type=int, default=7, help="seed of the --holdout-names draw")
     ap.add_argument("--val-every", type=int, default=250)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda[:N]")
