@@ -313,3 +313,23 @@ def test_train_features_holdout_names_records_the_split_and_its_score(tmp_path):
     assert held["fraction"] == 0.5 and held["texts"] and 0.0 <= held["val_cell_miou"] <= 1.0
     assert not {"wall", "floor"} & set(held["texts"])
     assert "val_heldout_miou" in json.loads((out / "train_log.jsonl").read_text().splitlines()[-1])
+
+
+def test_text_smoothing_targets_follow_text_similarity():
+    """--text-smoothing: rows are distributions with 1 - eps on the own text and more of eps on closer texts;
+    eps 0 is the plain cross-entropy, and ignored cells (-1) do not count."""
+    import torch.nn.functional as F
+
+    from geopurify_ros.features.train_lseg import label_loss, text_smoothing
+
+    t = F.normalize(torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0], [0.0, 0.0, 1.0]]), dim=1)
+    q = text_smoothing(t, 0.2, 0.07)
+    assert torch.allclose(q.sum(1), torch.ones(3)) and torch.allclose(q.diag(), torch.full((3,), 0.8))
+    assert q[0, 1] > q[0, 2] > 0
+    logits, targets = torch.randn(2, 3, 4, 5), torch.randint(-1, 3, (2, 4, 5))
+    assert torch.allclose(label_loss(logits, targets, text_smoothing(t, 0.0, 0.07)),
+                          F.cross_entropy(logits, targets, ignore_index=-1))
+    target = torch.zeros(1, 1, 1, dtype=torch.long)              # a cell of text 0: a near miss costs less
+    near, far = torch.tensor([3.0, 2.0, 0.0]), torch.tensor([3.0, 0.0, 2.0])
+    assert label_loss(near.view(1, 3, 1, 1), target, q) < label_loss(far.view(1, 3, 1, 1), target, q)
+    assert label_loss(near.view(1, 3, 1, 1), target, None) == label_loss(far.view(1, 3, 1, 1), target, None)

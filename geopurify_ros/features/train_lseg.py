@@ -177,6 +177,23 @@ def restrict_classes(fs: FeatureSet, names: list[int]) -> FeatureSet:
     return view
 
 
+def text_smoothing(text_emb: torch.Tensor, eps: float, tau: float) -> torch.Tensor:
+    """(V, V) target distributions: 1 - eps on the cell's own text, eps spread over the other texts by their
+    text-to-text softmax (cosine / tau), so a "Bookcase" cell is also pulled toward "Shelves" more than "Sofa"."""
+    sim = text_emb @ text_emb.T / tau
+    sim.fill_diagonal_(float("-inf"))
+    return (1 - eps) * torch.eye(len(text_emb), device=text_emb.device) + eps * sim.softmax(1)
+
+
+def label_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy of (B, V, h, w) logits against text ids (B, h, w) (-1 ignored), one-hot or ``smooth`` rows."""
+    if smooth is None:
+        return F.cross_entropy(logits, targets, ignore_index=-1)
+    valid = targets >= 0
+    q = smooth[targets[valid]]                                     # (N, V)
+    return -(q * logits.permute(0, 2, 3, 1)[valid].log_softmax(1)).sum(1).mean()
+
+
 def file_record(path) -> dict:
     return {"path": str(path), "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
 
@@ -251,6 +268,7 @@ def train(args, log=print) -> dict:
     from ..query import CLASS_ALIASES
     class_emb = embed_texts([CLASS_ALIASES.get(c.lower(), c) for c in names], templates, "cpu").to(device)
 
+    smooth = text_smoothing(text_emb, args.text_smoothing, args.tau) if args.text_smoothing else None
     if init is None:
         head = LSegHead(hidden=args.hidden, out_dim=text_emb.shape[1]).to(device)
     else:                                                    # its decoder width wins over --hidden
@@ -275,7 +293,7 @@ def train(args, log=print) -> dict:
         maps = batch_maps(train_set, idx, device, tail)               # f32 from the stage being trained, if any
         emb = head(*maps)
         logits = torch.einsum("bdhw,vd->bvhw", emb, text_emb) / args.tau       # (B, V, gh, gw)
-        loss = F.cross_entropy(logits, targets[idx].to(device), ignore_index=-1)
+        loss = label_loss(logits, targets[idx].to(device), smooth)
         rec = {"step": step + 1, "loss": round(loss.item(), 5)}
         if teachers:
             frozen = maps if tail is None else batch_maps(train_set, idx, device)     # teachers: the frozen stage
@@ -314,7 +332,7 @@ def train(args, log=print) -> dict:
                 + ("stride-32 stage fine-tuned" if tail is not None else "frozen") + ", + MiniLM text space)",
         "command": "geopurify-train-features " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
         "backbone": args.backbone, "image_width": args.image_width, "templates": list(templates),
-        "config": head.config, "tau": args.tau, "steps": args.steps, "batch": args.batch, "lr": args.lr,
+        "config": head.config, "tau": args.tau, "text_smoothing": args.text_smoothing, "steps": args.steps, "batch": args.batch, "lr": args.lr,
         "weight_decay": args.weight_decay, "seed": args.seed,
         "trunk": ({"trained": f"blocks {tail.first}.. + conv_head (the stride-32 stage)", "lr": args.trunk_lr}
                   if tail is not None else None),
@@ -367,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="trained head checkpoints whose normalised mean embedding the head also learns to match")
     ap.add_argument("--distill-weight", type=float, default=10.0,
                     help="weight of the cosine distillation loss against the label cross-entropy")
+    ap.add_argument("--text-smoothing", type=float, default=0.0, metavar="EPS",
+                    help="move EPS of each cell's target onto the other training texts, by text similarity; 0 = one-hot")
     ap.add_argument("--templates", nargs="*", default=None, help="text templates (default: 'a photo of a {}.')")
     ap.add_argument("--labels", default=None, help="labels.yaml for validation scores (default config/labels.yaml)")
     ap.add_argument("--holdout-names", type=float, default=0.0, metavar="F",
