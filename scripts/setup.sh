@@ -19,6 +19,23 @@ if [ ! -d /usr/share/sweethome3d/furniture ] && ! ls /usr/share/sweethome3d*/ 2>
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends sweethome3d-furniture >/dev/null
 fi
 
+# 1b. Sweet Home 3D's own default catalogue (100 more models, training-only: `geopurify-train-features --models
+#     train_extra`) lives in the application's jar. Unpack it from the Debian package without installing the
+#     package and its Java stack. Optional: nothing else needs it, so a failure is a warning.
+SH3D_JAR="${GEOPURIFY_CACHE:-$ROOT/build/cache}/sweethome3d/sweethome3d.jar"
+if [ ! -f /usr/share/sweethome3d/sweethome3d.jar ] && [ ! -f "$SH3D_JAR" ]; then
+  say "unpacking the sweethome3d package's default furniture catalogue"
+  TMP_DEB=$(mktemp -d)
+  if (cd "$TMP_DEB" && { apt-get download sweethome3d >/dev/null 2>&1 ||
+        { SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"; $SUDO apt-get update -qq && apt-get download sweethome3d >/dev/null; }; } &&
+      dpkg-deb -x sweethome3d_*.deb x); then
+    mkdir -p "$(dirname "$SH3D_JAR")" && cp "$TMP_DEB/x/usr/share/sweethome3d/sweethome3d.jar" "$SH3D_JAR"
+  else
+    say "warning: could not fetch sweethome3d; --models train_extra will be unavailable"
+  fi
+  rm -rf "$TMP_DEB"
+fi
+
 # 2. Python venv. torch first, pinned to the CPU wheel on disk.
 if [ ! -x "$VENV/bin/python" ]; then
   say "creating $VENV"

@@ -236,3 +236,39 @@ def test_training_rooms_vary_the_curtain_and_evaluation_rooms_never_see_the_trai
     assert seen == {"Window blind", "Shower curtain"}
     assert curtains(3, "demo") == ["Curtain"]
     assert curtains(3, "train") == ["Curtain"]           # evaluation seeds: held-out models, no training-only fabric
+
+
+def test_default_catalogue_adds_training_only_models(tmp_path, monkeypatch):
+    """`train_extra` = training split + the application jar's default catalogue: more models per role, never held
+    out, never in evaluation rooms (whose split does not depend on it); a missing jar is a clear error; a zip with
+    no catalogue is refused."""
+    import zipfile
+
+    from geopurify_ros.data import furniture
+    from geopurify_ros.data.catalog import models_of, split_models
+    from geopurify_ros.data.scene import build_scene
+
+    bad = tmp_path / "empty.jar"
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("README", "no catalogue")
+    with pytest.raises(ValueError, match="no furniture catalogue"):
+        furniture.read_catalog(bad)
+    if furniture.app_catalog_jar() is None:
+        pytest.skip("Sweet Home 3D's jar is not unpacked (scripts/setup.sh)")
+    app = furniture.app_catalog()
+    assert len(app) >= 90 and {i.library for i in app} == {"sweethome3d"}
+    extra = [i.name for i in models_of("curtain", "train_extra")]
+    assert extra[:1] == ["Window blind"] and "Curtains" in extra
+    assert {"Bookcase", "Filled bookcase"} <= {i.name for i in models_of("bookshelf", "train_extra")
+                                                if i.library == "sweethome3d"}
+    assert all(i.library != "sweethome3d" for r in split_models().values() for k in ("train", "heldout") for i in r[k])
+    libraries = {i.library for s in (1000, 1001, 1002) for i in build_scene(s, "train", models="train_extra").instances}
+    assert "sweethome3d" in libraries
+    assert all(i.library != "sweethome3d" for s in (0, 3) for i in build_scene(s, "demo").instances)
+    furniture.app_catalog.cache_clear()
+    monkeypatch.setenv("GEOPURIFY_SH3D_JAR", str(tmp_path / "none.jar"))
+    monkeypatch.setattr(furniture, "APP_JAR_PATHS", ())
+    monkeypatch.setenv("GEOPURIFY_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="setup.sh"):
+        furniture.app_catalog()
+    furniture.app_catalog.cache_clear()

@@ -15,12 +15,14 @@ from functools import lru_cache
 
 import numpy as np
 
-from .furniture import CatalogItem, load_catalogs
+from .furniture import CatalogItem, app_catalog, load_catalogs
 
 TRAIN_SEED_MIN = 1000          # seeds 0-9 report, 10-99 reserved, >= 1000 training (README, evaluation protocol)
 HELDOUT_FRACTION = 0.2
 SPLIT_SEED = 20251201
-SPLITS = ("heldout", "train", "all")
+# train_extra: training models plus the application's default catalogue (`furniture.app_catalog`), which is never
+# held out and never enters the seeded split, so held-out models and evaluation rooms do not change with it.
+SPLITS = ("heldout", "train", "all", "train_extra")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,12 +63,14 @@ ROLES: dict[str, Role] = {r.name: r for r in [
 ]}
 
 
-def role_candidates(role: str, library_dir: str | None = None) -> tuple[CatalogItem, ...]:
-    """Catalogue items that can play `role` (name match, flags, category, size), in catalogue order."""
+def role_candidates(role: str, library_dir: str | None = None,
+                    items: tuple[CatalogItem, ...] | None = None) -> tuple[CatalogItem, ...]:
+    """Catalogue items (default: the libraries') that can play `role` (name match, flags, category, size), in
+    catalogue order."""
     r = ROLES[role]
     rx, ex = re.compile(r.pattern, re.I), re.compile(r.exclude, re.I) if r.exclude else None
     out = []
-    for it in load_catalogs(library_dir):
+    for it in (load_catalogs(library_dir) if items is None else items):
         if not rx.search(it.name) or (ex and ex.search(it.name)):
             continue
         if r.door_or_window is not None and it.door_or_window != r.door_or_window:
@@ -111,10 +115,17 @@ def default_split(seed: int) -> str:
     return "train" if seed >= TRAIN_SEED_MIN else "heldout"
 
 
-def pool(role: str, split: str, library_dir: str | None = None) -> tuple[CatalogItem, ...]:
+def models_of(role: str, split: str, library_dir: str | None = None) -> tuple[CatalogItem, ...]:
+    """The models `role` may use in `split` (possibly none)."""
     if split not in SPLITS:
         raise ValueError(f"models: expected one of {SPLITS}, got {split!r}")
-    items = split_models(library_dir)[role][split]
+    if split == "train_extra":
+        return split_models(library_dir)[role]["train"] + role_candidates(role, items=app_catalog())
+    return split_models(library_dir)[role][split]
+
+
+def pool(role: str, split: str, library_dir: str | None = None) -> tuple[CatalogItem, ...]:
+    items = models_of(role, split, library_dir)
     if not items:
         raise ValueError(f"no '{split}' catalogue models for role '{role}'")
     return items

@@ -1,7 +1,8 @@
 """Sweet Home 3D furniture libraries (``*.sh3f``): catalog parsing and textured mesh loading.
 
 An ``.sh3f`` file is a zip holding ``PluginFurnitureCatalog.properties`` (Java properties, one
-``key#N`` per item) and OBJ+MTL models with their textures. Models are normalised the way Sweet
+``key#N`` per item) and OBJ+MTL models with their textures. The application's own jar holds its default
+catalogue the same way (``DefaultFurnitureCatalog.properties``; `app_catalog`), used as extra training models. Models are normalised the way Sweet
 Home 3D does it: apply ``modelRotation``, then centre and scale the bounding box to the catalog's
 ``width × depth × height`` (cm). We then convert from SH3D model axes (x right, y up, z = front)
 to our world (x right, y back, z up), so an item's front faces world −y and its base sits at z=0.
@@ -21,6 +22,9 @@ import numpy as np
 from ..cache import cache_dir
 
 DEFAULT_LIBRARY_DIR = Path("/usr/share/sweethome3d/furniture")
+# The Debian package `sweethome3d` (its jar; `scripts/setup.sh` unpacks it into the cache without the Java stack).
+APP_JAR_PATHS = (Path("/usr/share/sweethome3d/sweethome3d.jar"),)
+_CATALOG_FILES = ("PluginFurnitureCatalog.properties", "com/eteks/sweethome3d/io/DefaultFurnitureCatalog.properties")
 
 # SH3D model axes (x, y up, z front) → world (x, y back, z up): a proper rotation (det = +1).
 _SH3D_TO_WORLD = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
@@ -85,12 +89,15 @@ def parse_properties(text: str) -> dict[str, str]:
 
 
 def read_catalog(path: str | os.PathLike) -> list[CatalogItem]:
-    """All items of one ``.sh3f`` library, in catalog order."""
+    """All items of one ``.sh3f`` library (or of the application jar's default catalogue), in catalog order."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"furniture library not found: {path}")
     with zipfile.ZipFile(path) as zf:
-        props = parse_properties(zf.read("PluginFurnitureCatalog.properties").decode("latin-1"))
+        found = [n for n in _CATALOG_FILES if n in zf.namelist()]
+        if not found:
+            raise ValueError(f"{path}: no furniture catalogue ({' or '.join(_CATALOG_FILES)})")
+        props = parse_properties(zf.read(found[0]).decode("latin-1"))
     items = []
     n = 1
     while f"name#{n}" in props:
@@ -116,6 +123,25 @@ def load_catalogs(library_dir: str | None = None) -> tuple[CatalogItem, ...]:
     if not files:
         raise ValueError(f"no *.sh3f furniture libraries in {d} (apt-get install sweethome3d-furniture)")
     return tuple(it for f in files for it in read_catalog(f))
+
+
+def app_catalog_jar() -> Path | None:
+    """The Sweet Home 3D application jar: $GEOPURIFY_SH3D_JAR, the Debian install, or the copy setup.sh unpacked."""
+    env = os.environ.get("GEOPURIFY_SH3D_JAR")
+    for p in ([Path(env)] if env else []) + list(APP_JAR_PATHS) + [cache_dir("sweethome3d") / "sweethome3d.jar"]:
+        if p.is_file():
+            return p
+    return None
+
+
+@lru_cache(maxsize=None)
+def app_catalog() -> tuple[CatalogItem, ...]:
+    """Items of the application's default catalogue (100 models in 7.0); a clear error when it is not installed."""
+    jar = app_catalog_jar()
+    if jar is None:
+        raise ValueError("the Sweet Home 3D default catalogue is not installed: run scripts/setup.sh (it unpacks "
+                         "`apt-get download sweethome3d` into the cache) or set GEOPURIFY_SH3D_JAR")
+    return tuple(read_catalog(jar))
 
 
 def find_item(catalog_id: str, library_dir: str | None = None) -> CatalogItem:

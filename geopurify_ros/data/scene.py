@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from .catalog import ROLES, default_split, pool, split_models
+from .catalog import ROLES, default_split, models_of, pool
 from .classes import IGNORE_LABEL, class_id, class_names
 from .furniture import CatalogItem, MeshPart, load_item_parts
 from .render import TriangleSoup
@@ -224,7 +224,7 @@ def build_scene(seed: int = 0, preset: str | SceneSpec = "tiny", library_dir: st
                 models: str | None = None) -> Scene:
     """Build the seeded room for ``preset`` ('tiny' | 'demo' | 'train' or a SceneSpec).
 
-    ``models``: which catalogue models may appear ('heldout' | 'train' | 'all'); default by seed
+    ``models``: which catalogue models may appear ('heldout' | 'train' | 'all' | 'train_extra'); default by seed
     (`catalog.default_split`): evaluation seeds get held-out models, training seeds training models.
     """
     if isinstance(preset, SceneSpec):
@@ -291,7 +291,7 @@ def build_scene(seed: int = 0, preset: str | SceneSpec = "tiny", library_dir: st
     b.add_item(win, "window", yaw, (xy[0], xy[1], sill), win_parts)
     wall_spans[kw].append((a - win.width / 2, a + win.width / 2, sill, sill + win.height))
     if cfg.curtain:
-        roles = [r for r in cfg.curtain_roles if split_models(library_dir)[r][split]]
+        roles = [r for r in cfg.curtain_roles if models_of(r, split, library_dir)]
         if not roles:
             raise ValueError(f"no '{split}' catalogue models for the curtain roles {cfg.curtain_roles}")
         role = roles[int(rng.integers(len(roles)))] if len(cfg.curtain_roles) > 1 else roles[0]

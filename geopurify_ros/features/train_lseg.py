@@ -70,14 +70,14 @@ class FeatureSet:
     being trained and has no teacher to feed them to (at 448x320 they are the largest of the three)."""
 
     def __init__(self, net, seeds, frames_per_scene: int, image_width: int, vocab: list[str], flip: bool, log,
-                 device: torch.device = torch.device("cpu"), keep_f32: bool = True):
+                 device: torch.device = torch.device("cpu"), keep_f32: bool = True, models: str = "train"):
         self.vocab = vocab
         self.device = device
         self.keep_f32 = keep_f32
         self.f8, self.f16, self.f32, self.targets, self.classes = [], [], [], [], []
         t0 = time.perf_counter()
         for n, seed in enumerate(seeds):
-            d = cached_text_frames(seed, frames_per_scene)
+            d = cached_text_frames(seed, frames_per_scene, models)
             to_global = np.array([self.vocab_index(v) for v in d["vocab"]] + [-1], np.int64)
             for rgb, ids, cls in zip(d["rgb"], d["ids"], d["classes"]):
                 for mirrored in ((False, True) if flip else (False,)):
@@ -246,7 +246,8 @@ def train(args, log=print) -> dict:
     t0 = time.perf_counter()
     vocab: list[str] = []
     train_set = FeatureSet(net, train_seeds, args.frames, args.image_width, vocab, flip=True, log=log, device=device,
-                           keep_f32=tail is None or bool(teachers))       # teachers read the frozen stage's maps
+                           keep_f32=tail is None or bool(teachers),       # teachers read the frozen stage's maps
+                           models=args.models)
     val_set = FeatureSet(net, val_seeds, args.frames, args.image_width, vocab, flip=False, log=None, device=device,
                          keep_f32=tail is None)
     t_data = time.perf_counter() - t0
@@ -340,7 +341,7 @@ def train(args, log=print) -> dict:
         "distill": {"teachers": [file_record(p) for p in args.distill], "weight": args.distill_weight,
                     "target": "normalised mean of the teachers' cell embeddings, cosine loss"} if args.distill else None,
         "data": {"generator": "geopurify_ros.data.text_frames (train preset, domain randomisation)",
-                 "train_seeds": args.seeds, "val_seeds": args.val_seeds, "frames_per_room": args.frames,
+                 "train_seeds": args.seeds, "train_models": args.models, "val_seeds": args.val_seeds, "frames_per_room": args.frames,
                  "train_frames": len(train_set), "val_frames": len(val_set), "mirrored": True,
                  "labels": "catalogue names + wall/floor/ceiling/poster; ScanNet ids only for validation scores",
                  "vocabulary": vocab},
@@ -369,6 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seeds", default="1000-1159", help="training room seeds (>= 1000), e.g. 1000-1159")
     ap.add_argument("--val-seeds", default="1900-1907", help="validation room seeds (>= 1000, disjoint)")
     ap.add_argument("--frames", type=int, default=16, help="frames rendered per room")
+    ap.add_argument("--models", choices=("train", "train_extra"), default="train",
+                    help="catalogue models of the training rooms: the training split, or it plus Sweet Home 3D's "
+                         "default catalogue (training-only; needs scripts/setup.sh to have unpacked it); validation "
+                         "rooms always use the training split")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-3)
