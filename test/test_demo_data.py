@@ -245,7 +245,7 @@ def test_default_catalogue_adds_training_only_models(tmp_path, monkeypatch):
     import zipfile
 
     from geopurify_ros.data import furniture
-    from geopurify_ros.data.catalog import models_of, split_models
+    from geopurify_ros.data.catalog import models_of, split_models, split_table
     from geopurify_ros.data.scene import build_scene
 
     bad = tmp_path / "empty.jar"
@@ -262,6 +262,9 @@ def test_default_catalogue_adds_training_only_models(tmp_path, monkeypatch):
     assert {"Bookcase", "Filled bookcase"} <= {i.name for i in models_of("bookshelf", "train_extra")
                                                 if i.library == "sweethome3d"}
     assert all(i.library != "sweethome3d" for r in split_models().values() for k in ("train", "heldout") for i in r[k])
+    table = split_table(extra=True)["roles"]["curtain"]
+    assert "sweethome3d#eTeks#curtains (Curtains)" in table["train_extra_only"]
+    assert {k: v for k, v in table.items() if k != "train_extra_only"} == split_table()["roles"]["curtain"]
     libraries = {i.library for s in (1000, 1001, 1002) for i in build_scene(s, "train", models="train_extra").instances}
     assert "sweethome3d" in libraries
     assert all(i.library != "sweethome3d" for s in (0, 3) for i in build_scene(s, "demo").instances)

@@ -131,9 +131,15 @@ def pool(role: str, split: str, library_dir: str | None = None) -> tuple[Catalog
     return items
 
 
-def split_table(library_dir: str | None = None) -> dict:
-    """JSON-ready description of the split (ships with trained checkpoints)."""
+def split_table(library_dir: str | None = None, extra: bool = False) -> dict:
+    """JSON-ready description of the split (ships with trained checkpoints); ``extra``: each role also lists the
+    default catalogue's training-only models (`train_extra`)."""
     s = split_models(library_dir)
+
+    def names(items) -> list[str]:
+        return sorted(f"{i.library}#{i.id} ({i.name})" for i in items)
+
     return {"seed": SPLIT_SEED, "heldout_fraction": HELDOUT_FRACTION, "train_seed_min": TRAIN_SEED_MIN,
-            "roles": {role: {k: sorted(f"{i.library}#{i.id} ({i.name})" for i in v[k]) for k in ("train", "heldout")}
+            "roles": {role: {k: names(v[k]) for k in ("train", "heldout")}
+                      | ({"train_extra_only": names(role_candidates(role, items=app_catalog()))} if extra else {})
                       for role, v in s.items()}}

@@ -345,7 +345,7 @@ def train(args, log=print) -> dict:
                  "train_frames": len(train_set), "val_frames": len(val_set), "mirrored": True,
                  "labels": "catalogue names + wall/floor/ceiling/poster; ScanNet ids only for validation scores",
                  "vocabulary": vocab},
-        "split": split_table(),
+        "split": split_table(extra=args.models == "train_extra"),
         "metrics": {"val_cell_miou": round(final.miou, 4), "val_cell_macc": round(final.macc, 4),
                     "val_per_class_iou": per_class(final), "history": history},
         "heldout_names": heldout,
