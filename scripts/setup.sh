@@ -11,9 +11,10 @@ PY=${PYTHON:-python3}
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"    # apt-get install / update need root
+
 # 1. Debian packages: real 3D furniture for the demo scenes. Skipped when already present.
 if [ ! -d /usr/share/sweethome3d/furniture ] && ! ls /usr/share/sweethome3d*/ 2>/dev/null | grep -q .; then
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   say "installing Debian packages (sweethome3d-furniture)"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends sweethome3d-furniture >/dev/null
@@ -27,7 +28,7 @@ if [ ! -f /usr/share/sweethome3d/sweethome3d.jar ] && [ ! -f "$SH3D_JAR" ]; then
   say "unpacking the sweethome3d package's default furniture catalogue"
   TMP_DEB=$(mktemp -d)
   if (cd "$TMP_DEB" && { apt-get download sweethome3d >/dev/null 2>&1 ||
-        { SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"; $SUDO apt-get update -qq && apt-get download sweethome3d >/dev/null; }; } &&
+        { $SUDO apt-get update -qq && apt-get download sweethome3d >/dev/null; }; } &&
       dpkg-deb -x sweethome3d_*.deb x); then
     mkdir -p "$(dirname "$SH3D_JAR")" && cp "$TMP_DEB/x/usr/share/sweethome3d/sweethome3d.jar" "$SH3D_JAR"
   else

@@ -2,8 +2,8 @@
 
 An ``.sh3f`` file is a zip holding ``PluginFurnitureCatalog.properties`` (Java properties, one
 ``key#N`` per item) and OBJ+MTL models with their textures. The application's own jar holds its default
-catalogue the same way (``DefaultFurnitureCatalog.properties``; `app_catalog`), used as extra training models. Models are normalised the way Sweet
-Home 3D does it: apply ``modelRotation``, then centre and scale the bounding box to the catalog's
+catalogue the same way (``DefaultFurnitureCatalog.properties``; `app_catalog`), used as extra training models.
+Models are normalised the way Sweet Home 3D does it: apply ``modelRotation``, then centre and scale the bounding box to the catalog's
 ``width × depth × height`` (cm). We then convert from SH3D model axes (x right, y up, z = front)
 to our world (x right, y back, z up), so an item's front faces world −y and its base sits at z=0.
 """

@@ -287,8 +287,14 @@ def train(args, log=print) -> dict:
         bar = tqdm(range(args.steps), desc="train-features", file=sys.stderr, disable=not args.progress)
     except ImportError:                                   # pragma: no cover - tqdm ships with sentence-transformers
         bar = range(args.steps)
+    def validate() -> tuple[Scores, Scores | None]:
+        """Scores on all validation cells and, with --holdout-names, on the held-out names' cells."""
+        return (closed_set_scores(head, val_set, class_emb, names, tail=tail),
+                closed_set_scores(head, held_val, class_emb, names, tail=tail) if held_val is not None else None)
+
     t1 = time.perf_counter()
     history = []
+    scores = None                                  # the latest validation: the last step's scores the final weights
     for step in bar:
         idx = torch.from_numpy(rng.choice(len(train_set), args.batch, replace=False))
         maps = batch_maps(train_set, idx, device, tail)               # f32 from the stage being trained, if any
@@ -307,24 +313,24 @@ def train(args, log=print) -> dict:
         sched.step()
         rec.update(lr=round(sched.get_last_lr()[0], 7), s=round(time.perf_counter() - t1, 1))
         if (step + 1) % args.val_every == 0 or step + 1 == args.steps:
-            sc = closed_set_scores(head, val_set, class_emb, names, tail=tail)
-            rec.update(val_miou=round(sc.miou, 4), val_macc=round(sc.macc, 4))
-            if held_val is not None:
-                rec.update(val_heldout_miou=round(closed_set_scores(head, held_val, class_emb, names, tail=tail).miou, 4))
+            scores = validate()
+            rec.update(val_miou=round(scores[0].miou, 4), val_macc=round(scores[0].macc, 4))
+            if scores[1] is not None:
+                rec.update(val_heldout_miou=round(scores[1].miou, 4))
             history.append(rec)
             log(json.dumps(rec))
         logf.write(json.dumps(rec) + "\n")
         logf.flush()
     logf.close()
     t_train = time.perf_counter() - t1
-    final = closed_set_scores(head, val_set, class_emb, names, tail=tail)
+    final, hs = scores if scores is not None else validate()
 
     def per_class(sc: Scores) -> dict:
-        return {n: (None if np.isnan(v) else round(float(v), 4)) for n, v in zip(names, sc.iou) if sc.present[names.index(n)]}
+        return {n: (None if np.isnan(v) else round(float(v), 4))
+                for n, v, present in zip(names, sc.iou, sc.present) if present}
 
     heldout = None
-    if held_val is not None:
-        hs = closed_set_scores(head, held_val, class_emb, names, tail=tail)
+    if hs is not None:
         heldout = {"fraction": args.holdout_names, "seed": args.holdout_seed, "texts": [vocab[i] for i in held],
                    "val_cell_miou": round(hs.miou, 4), "val_cell_macc": round(hs.macc, 4),
                    "val_per_class_iou": per_class(hs)}
@@ -333,15 +339,16 @@ def train(args, log=print) -> dict:
                 + ("stride-32 stage fine-tuned" if tail is not None else "frozen") + ", + MiniLM text space)",
         "command": "geopurify-train-features " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
         "backbone": args.backbone, "image_width": args.image_width, "templates": list(templates),
-        "config": head.config, "tau": args.tau, "text_smoothing": args.text_smoothing, "steps": args.steps, "batch": args.batch, "lr": args.lr,
-        "weight_decay": args.weight_decay, "seed": args.seed,
+        "config": head.config, "tau": args.tau, "text_smoothing": args.text_smoothing, "steps": args.steps,
+        "batch": args.batch, "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed,
         "trunk": ({"trained": f"blocks {tail.first}.. + conv_head (the stride-32 stage)", "lr": args.trunk_lr}
                   if tail is not None else None),
         "init": file_record(args.init) if args.init else None,
         "distill": {"teachers": [file_record(p) for p in args.distill], "weight": args.distill_weight,
                     "target": "normalised mean of the teachers' cell embeddings, cosine loss"} if args.distill else None,
         "data": {"generator": "geopurify_ros.data.text_frames (train preset, domain randomisation)",
-                 "train_seeds": args.seeds, "train_models": args.models, "val_seeds": args.val_seeds, "frames_per_room": args.frames,
+                 "train_seeds": args.seeds, "train_models": args.models, "val_seeds": args.val_seeds,
+                 "frames_per_room": args.frames,
                  "train_frames": len(train_set), "val_frames": len(val_set), "mirrored": True,
                  "labels": "catalogue names + wall/floor/ceiling/poster; ScanNet ids only for validation scores",
                  "vocabulary": vocab},
@@ -391,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--distill-weight", type=float, default=10.0,
                     help="weight of the cosine distillation loss against the label cross-entropy")
     ap.add_argument("--text-smoothing", type=float, default=0.0, metavar="EPS",
-                    help="move EPS of each cell's target onto the other training texts, by text similarity; 0 = one-hot")
+                    help="move EPS of each cell's target onto the other training texts, by text similarity; "
+                         "0 = one-hot")
     ap.add_argument("--templates", nargs="*", default=None, help="text templates (default: 'a photo of a {}.')")
     ap.add_argument("--labels", default=None, help="labels.yaml for validation scores (default config/labels.yaml)")
     ap.add_argument("--holdout-names", type=float, default=0.0, metavar="F",
