@@ -189,13 +189,16 @@ def test_bag_replayed_twice_with_clock_going_back_maps_both_passes(graph):
 
 def test_bad_poses_and_out_of_range_depth_are_dropped_counted_logged_and_leave_the_map(graph):
     client, clock, proc, frames, log = graph
-    play(client, clock, proc, frames[:2])
+    last = play(client, clock, proc, frames[:2])[-1]
     before = client.fresh_diag()
     f = frames[4]
     far = np.full_like(f.depth, 1e30)
     near = np.full_like(f.depth, 1e-6)
-    send(client, f, clock.ns, quat=(0.1, 0.2, 0.3, 0.4))                       # |q| = 0.548
-    send(client, f, clock.ns + 1_000_000, pose_frame="")                      # empty frame_id
+    # A frame whose own pose is bad still maps with a valid pose stamped within pose_max_age_s (0.1 s; the nearest
+    # wins): keep the two bad-pose frames 0.3 s from every valid pose, the play's before and the ones below after.
+    client.spin_until(lambda: clock.ns > last + 700_000_000, 30)
+    send(client, f, clock.ns - 300_000_000, quat=(0.1, 0.2, 0.3, 0.4))        # |q| = 0.548
+    send(client, f, clock.ns - 299_000_000, pose_frame="")                    # empty frame_id
     send(client, f, clock.ns + 2_000_000, depth=far, depth_encoding="32FC1")  # pose ok, depth beyond max
     send(client, f, clock.ns + 3_000_000, depth=near, depth_encoding="32FC1")  # pose ok, depth below min
     for i in range(6):                                                        # colour without depth
